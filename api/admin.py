@@ -1,0 +1,129 @@
+"""Admin endpoints: organizations, projects, plan limits, and an org's billing status."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import psycopg
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from api.auth import require_bearer
+from api.errors import ApiError
+from api.validation import json_body, path_uuid
+from billing.months import current_month, parse_month
+from billing.sql import query
+from billing.status import list_org_workflows, load_org_status
+
+PlanName = Literal["free", "pro", "team"]
+
+
+class OrgBody(BaseModel):
+    """``PUT /v1/orgs/{org_id}``: every field optional; a new org's plan defaults to free."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, max_length=200)
+    plan: PlanName | None = None
+    stripe_customer_id: str | None = Field(default=None, pattern=r"^cus_[A-Za-z0-9]+$")
+
+
+class ProjectBody(BaseModel):
+    """``PUT /v1/orgs/{org_id}/projects/{project_id}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, max_length=200)
+
+
+class PlanBody(BaseModel):
+    """``PUT /v1/plans/{plan}``: included quantity per meter tag."""
+
+    model_config = ConfigDict(extra="forbid")
+    limits: dict[str, int]
+
+
+async def _recompute_flags(conn: psycopg.AsyncConnection, org_ids: list[str]) -> None:
+    await conn.execute(
+        query("recompute_quota_flags"), {"org_ids": org_ids, "month": parse_month(current_month())}
+    )
+
+
+async def put_org(request: Request) -> JSONResponse:
+    """Create or update an org; a plan change recomputes its quota flags at once."""
+    require_bearer(request)
+    org_id = path_uuid(request, "org_id")
+    body = await json_body(request, OrgBody)
+    try:
+        async with request.app.state.pool.connection() as conn:
+            await conn.execute(query("upsert_org"), {"org_id": org_id, **body.model_dump()})
+            await _recompute_flags(conn, [org_id])
+    except psycopg.errors.UniqueViolation:
+        raise ApiError(409, f"stripe_customer_id {body.stripe_customer_id} belongs to another org") from None
+    return await _org_response(request, org_id)
+
+
+async def put_project(request: Request) -> JSONResponse:
+    """Attach a project to an org; 409 when it belongs to another org, 404 for an unknown org."""
+    require_bearer(request)
+    org_id = path_uuid(request, "org_id")
+    project_id = path_uuid(request, "project_id")
+    body = await json_body(request, ProjectBody)
+    try:
+        async with request.app.state.pool.connection() as conn:
+            cursor = await conn.execute(
+                query("attach_project"), {"org_id": org_id, "project_id": project_id, "name": body.name}
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                raise ApiError(409, f"project {project_id} belongs to another organization")
+            await _recompute_flags(conn, [org_id])
+    except psycopg.errors.ForeignKeyViolation:
+        raise ApiError(
+            404, f"organization {org_id} does not exist; create it with PUT /v1/orgs/{org_id}"
+        ) from None
+    return JSONResponse(row)
+
+
+async def put_plan(request: Request) -> JSONResponse:
+    """Set a plan's included quantities; every org on the plan has its flags recomputed."""
+    require_bearer(request)
+    plan = request.path_params["plan"]
+    if plan not in ("free", "pro", "team"):
+        raise ApiError(400, f"unknown plan {plan!r}; plans are free, pro and team")
+    body = await json_body(request, PlanBody)
+    async with request.app.state.pool.connection() as conn:
+        known = {row["tag"] for row in await (await conn.execute(query("meter_tags"))).fetchall()}
+        unknown = sorted(set(body.limits) - known)
+        if unknown:
+            raise ApiError(400, f"unknown meter tag {unknown[0]!r}; known tags: {', '.join(sorted(known))}")
+        negative = sorted(tag for tag, value in body.limits.items() if value < 0)
+        if negative:
+            raise ApiError(400, f"limit of {negative[0]!r} must not be negative")
+        tags = sorted(body.limits)
+        cursor = await conn.execute(
+            query("set_plan_limits"),
+            {"plan": plan, "tags": tags, "included": [body.limits[tag] for tag in tags]},
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+        if row["org_ids"]:
+            await _recompute_flags(conn, row["org_ids"])
+    return JSONResponse({"plan": plan, "limits": body.limits})
+
+
+async def get_org(request: Request) -> JSONResponse:
+    """The org's plan, payment status, usage against limits, flags and pending Stripe reports."""
+    require_bearer(request)
+    return await _org_response(request, path_uuid(request, "org_id"), with_workflows=True)
+
+
+async def _org_response(request: Request, org_id: str, *, with_workflows: bool = False) -> JSONResponse:
+    settings = request.app.state.settings
+    status = await load_org_status(
+        request.app.state.pool, org_id, current_month(), stripe_configured=settings.stripe_api_key is not None
+    )
+    if status is None:
+        raise ApiError(404, f"organization {org_id} does not exist")
+    if with_workflows:
+        status.workflows = await list_org_workflows(request.app.state.client, org_id)
+    return JSONResponse(status.model_dump(mode="json"))

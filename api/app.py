@@ -1,0 +1,36 @@
+"""The HTTP API: routes and their shared dependencies (pool, Temporal client, settings)."""
+
+from __future__ import annotations
+
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Route
+from temporalio.client import Client
+
+from api import admin, health
+from api.errors import EXCEPTION_HANDLERS
+from api.telemetry import TelemetryMiddleware
+from billing.config import Settings
+
+
+def create_app(settings: Settings, pool: AsyncConnectionPool, client: Client) -> Starlette:
+    """The ASGI application; the caller owns the pool and the client."""
+    routes = [
+        Route("/healthz", health.healthz, methods=["GET"]),
+        Route("/metrics", health.metrics, methods=["GET"]),
+        Route("/v1/orgs/{org_id}", admin.put_org, methods=["PUT"]),
+        Route("/v1/orgs/{org_id}", admin.get_org, methods=["GET"]),
+        Route("/v1/orgs/{org_id}/projects/{project_id}", admin.put_project, methods=["PUT"]),
+        Route("/v1/plans/{plan}", admin.put_plan, methods=["PUT"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(TelemetryMiddleware)],
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+    app.state.settings = settings
+    app.state.pool = pool
+    app.state.client = client
+    app.state.api_token = settings.require_api_token()
+    return app

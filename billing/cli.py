@@ -1,0 +1,241 @@
+"""The ``billing`` command line. Every failure a user can fix is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+from billing.config import Settings
+from billing.errors import UserError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the whole usage block; a user wants the one line that says what is wrong.
+        self.exit(EXIT_USAGE, f"billing: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _org_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ORG_ID must be a UUID, got {value!r}") from None
+
+
+def _month(value: str) -> str:
+    from billing.months import parse_month
+
+    try:
+        parse_month(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _print(data: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Apply migrations, then register search attributes and schedules unless --sql-only."""
+    from billing.migrate import migrate
+    from billing.temporal import connect, ensure_schedules, register_search_attributes
+
+    report = migrate(settings.require_database_url())
+    for name in report.applied:
+        print(f"applied {name}")
+    print(f"migrations: {len(report.applied)} applied, {len(report.already_applied)} already applied")
+    if not args.sql_only:
+        client = await connect(settings)
+        added = await register_search_attributes(client, settings.temporal_namespace)
+        schedules = await ensure_schedules(client, settings.task_queue)
+        print(f"search attributes: {', '.join(added) or 'already registered'}")
+        print(f"schedules: {', '.join(schedules)}")
+    return 0
+
+
+async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Run a worker until Ctrl-C."""
+    from billing.services import open_services, serve_until_stopped, stop_event
+
+    async with open_services(settings, pool_size=20) as services:
+        print(f"worker on task queue {settings.task_queue!r} at {settings.temporal_address}", flush=True)
+        await serve_until_stopped(services, run_worker=True, run_api=False, stop=stop_event())
+    return 0
+
+
+async def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve the HTTP API until Ctrl-C."""
+    from billing.services import open_services, serve_until_stopped, stop_event
+
+    settings.require_api_token()
+    async with open_services(settings) as services:
+        print(f"API on http://{settings.http_addr}", flush=True)
+        await serve_until_stopped(services, run_worker=False, run_api=True, stop=stop_event())
+    return 0
+
+
+async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the whole system on embedded defaults (see billing/devstack.py)."""
+    from billing.devstack import run_dev
+
+    return await run_dev(settings, data_dir=args.data_dir)
+
+
+async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Print one org's plan, payment status, usage against limits, reports and workflows."""
+    from billing.months import current_month
+    from billing.services import open_services
+    from billing.status import list_org_workflows, load_org_status
+
+    async with open_services(settings, pool_size=2) as services:
+        status = await load_org_status(
+            services.pool,
+            args.org_id,
+            args.month or current_month(),
+            stripe_configured=settings.stripe_api_key is not None,
+        )
+        if status is None:
+            raise UserError(f"organization {args.org_id} does not exist")
+        status.workflows = await list_org_workflows(services.client, args.org_id)
+    if args.json:
+        print(status.model_dump_json(indent=2))
+        return 0
+    print(f"org {status.org_id} ({status.name or 'unnamed'})")
+    print(f"  plan: {status.plan}" + (f" -> {status.pending_plan} pending" if status.pending_plan else ""))
+    reason = f" ({status.payment_status_reason})" if status.payment_status_reason else ""
+    print(f"  payment status: {status.payment_status}{reason}")
+    if status.period_end:
+        print(f"  period end: {status.period_end:%Y-%m-%d %H:%M} UTC")
+    print(f"  usage {status.month}:")
+    for meter in status.usage:
+        limit = "unlimited" if meter.included is None else f"{meter.included:,}"
+        flag = "  EXCESS" if meter.excess else ""
+        over = f"  over by {meter.over_by:,}" if meter.over_by and meter.included is not None else ""
+        print(f"    {meter.tag:<30} {meter.used:>16,} / {limit}{over}{flag}")
+    print(f"  stripe reporting: {status.stripe_reporting}")
+    for report in status.stripe_reports:
+        why = f" (last: {report.last_reason})" if report.last_reason else ""
+        print(f"    {report.status}: {report.reports} reports, {report.quantity:,} units{why}")
+    print(f"  resets: {', '.join(status.recent_resets) or 'none yet'}")
+    print("  workflows:")
+    for wf in status.workflows:
+        print(f"    {wf.status:<11} {wf.workflow_id}")
+    return 0
+
+
+async def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
+    """Start (or find) ``monthly-reset/{org}/{month}`` and report what happened."""
+    from temporalio.client import WorkflowExecutionStatus
+
+    from billing.models import MonthlyResetResult
+    from billing.temporal import connect, start_monthly_reset
+
+    client = await connect(settings)
+    outcome = await start_monthly_reset(client, settings.task_queue, args.org_id, args.month)
+    handle = client.get_workflow_handle(outcome.workflow_id, result_type=MonthlyResetResult)
+    if not outcome.started and outcome.status == WorkflowExecutionStatus.RUNNING:
+        result = {"workflow_id": outcome.workflow_id, "outcome": "already in progress"}
+        _print(result, args.json, f"{outcome.workflow_id}: already in progress")
+        return 0
+    if not outcome.started and outcome.status != WorkflowExecutionStatus.COMPLETED:
+        state = outcome.status.name.lower() if outcome.status else "unknown"
+        raise UserError(f"{outcome.workflow_id} exists and is {state}; see it in the Temporal UI")
+    if not outcome.started:
+        result = {"workflow_id": outcome.workflow_id, "outcome": "already done"}
+        _print(result, args.json, f"{outcome.workflow_id}: already done")
+        return 0
+    if args.no_wait:
+        _print(
+            {"workflow_id": outcome.workflow_id, "outcome": "started"},
+            args.json,
+            f"{outcome.workflow_id}: started",
+        )
+        return 0
+    reset = await handle.result()
+    verdict = "done" if reset.claimed else "already done"
+    text = f"{outcome.workflow_id}: {verdict}" + (
+        f"; closed {reset.closed_month} ({reset.tags_closed} meters), {reset.flags} quota flags"
+        if reset.claimed
+        else ""
+    )
+    _print({"workflow_id": outcome.workflow_id, "outcome": verdict, **reset.model_dump()}, args.json, text)
+    return 0
+
+
+Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``billing`` argument parser with every subcommand."""
+    parser = _Parser(prog="billing", description="Usage-based billing with Stripe, orchestrated by Temporal.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(handler=handler)
+        return command
+
+    dev = add("dev", cmd_dev, "run everything on embedded PostgreSQL and Temporal (data in .data/)")
+    dev.add_argument("--data-dir", default=".data", help="where embedded state lives (default .data)")
+    add("worker", cmd_worker, "run a Temporal worker on BILLING_TASK_QUEUE")
+    add("api", cmd_api, "serve the HTTP API on BILLING_HTTP_ADDR")
+    migrate = add("migrate", cmd_migrate, "apply SQL migrations; register search attributes and schedules")
+    migrate.add_argument(
+        "--sql-only", action="store_true", help="apply migrations only, do not contact Temporal"
+    )
+
+    status = add("status", cmd_status, "show an org's plan, payment status, usage, reports and workflows")
+    status.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+    status.add_argument("--month", type=_month, help="YYYY-MM (default: this UTC month)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    reset = add("reset", cmd_reset, "reset an org's month once (says 'already done' the second time)")
+    reset.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+    reset.add_argument("--month", type=_month, required=True, help="the month to open, YYYY-MM")
+    reset.add_argument("--no-wait", action="store_true", help="do not wait for the reset to finish")
+    reset.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; returns the exit status (no traceback for user errors)."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.load()
+        return asyncio.run(args.handler(args, settings))
+    except UserError as exc:
+        print(f"billing: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("BILLING_DEBUG"):
+            traceback.print_exc()
+        print(
+            f"billing: unexpected error: {type(exc).__name__}: {exc} (set BILLING_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point."""
+    code = run(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The Temporal SDK's native runtime can abort in interpreter finalisation; nothing is left to
+    # flush or close here, so leave without running it.
+    os._exit(code)

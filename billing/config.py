@@ -1,0 +1,103 @@
+"""Configuration from environment variables, read with pydantic-settings (see README, Configuration)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from billing.errors import ConfigError
+
+_ENV_NAMES = {
+    "database_url": "DATABASE_URL",
+    "temporal_address": "TEMPORAL_ADDRESS",
+    "temporal_namespace": "TEMPORAL_NAMESPACE",
+    "task_queue": "BILLING_TASK_QUEUE",
+    "api_token": "BILLING_API_TOKEN",
+    "http_addr": "BILLING_HTTP_ADDR",
+    "stripe_api_key": "STRIPE_API_KEY",
+    "stripe_api_base": "STRIPE_API_BASE",
+    "stripe_webhook_secret": "STRIPE_WEBHOOK_SECRET",
+    "metrics_source_url": "BILLING_METRICS_SOURCE_URL",
+}
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def _postgres_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected a postgresql:// URL")
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; each field is read from the environment variable in its alias."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    database_url: str | None = Field(None, alias="DATABASE_URL")
+    temporal_address: str = Field("127.0.0.1:7233", alias="TEMPORAL_ADDRESS")
+    temporal_namespace: str = Field("default", alias="TEMPORAL_NAMESPACE", min_length=1)
+    task_queue: str = Field("billing", alias="BILLING_TASK_QUEUE", min_length=1)
+    api_token: SecretStr | None = Field(None, alias="BILLING_API_TOKEN")
+    http_addr: str = Field("127.0.0.1:8080", alias="BILLING_HTTP_ADDR")
+    stripe_api_key: SecretStr | None = Field(None, alias="STRIPE_API_KEY")
+    stripe_api_base: str | None = Field(None, alias="STRIPE_API_BASE")
+    stripe_webhook_secret: SecretStr | None = Field(None, alias="STRIPE_WEBHOOK_SECRET")
+    metrics_source_url: str | None = Field(None, alias="BILLING_METRICS_SOURCE_URL")
+
+    _check_urls = field_validator("database_url", "metrics_source_url")(_postgres_url)
+    _check_addrs = field_validator("temporal_address", "http_addr")(_host_port)
+
+    @field_validator("stripe_api_base")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+    @field_validator("api_token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+    @classmethod
+    def load(cls, **overrides: object) -> Settings:
+        """Read the environment; a malformed value raises ConfigError naming its variable."""
+        try:
+            return cls(**overrides)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else "configuration"
+            setting = _ENV_NAMES.get(field, field)
+            raise ConfigError(setting, first["msg"].removeprefix("Value error, ")) from None
+
+    def is_set(self, field: str) -> bool:
+        """Whether a setting was given (rather than defaulted)."""
+        return field in self.model_fields_set
+
+    def require_database_url(self) -> str:
+        """The PostgreSQL URL, or ConfigError when it is not set."""
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL", "not set (only `billing dev` starts an embedded PostgreSQL)")
+        return self.database_url
+
+    def require_api_token(self) -> str:
+        """The API bearer token, or ConfigError when it is not set."""
+        if self.api_token is None:
+            raise ConfigError("BILLING_API_TOKEN", "not set (required to serve the API)")
+        return self.api_token.get_secret_value()
+
+    @cached_property
+    def http_host_port(self) -> tuple[str, int]:
+        """BILLING_HTTP_ADDR split into host and port."""
+        host, _, port = self.http_addr.rpartition(":")
+        return host.strip("[]"), int(port)

@@ -1,0 +1,41 @@
+"""PostgreSQL connections: one async pool per process, checked at start-up."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from billing.errors import ConfigError
+
+
+def describe_url(url: str) -> str:
+    """A URL with its password hidden, for messages."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparseable URL>"
+    host = info.get("host", "localhost")
+    return f"{info.get('user', '')}@{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+async def open_pool(url: str, *, setting: str = "DATABASE_URL", max_size: int = 10) -> AsyncConnectionPool:
+    """Open a pool and prove the server answers; ConfigError naming ``setting`` if it does not."""
+    pool = AsyncConnectionPool(
+        url, min_size=1, max_size=max_size, open=False, kwargs={"row_factory": dict_row}, timeout=10
+    )
+    try:
+        await pool.open(wait=True, timeout=10)
+    except Exception as exc:
+        await pool.close()
+        raise ConfigError(setting, f"PostgreSQL at {describe_url(url)} does not answer ({exc})") from None
+    return pool
+
+
+def check_connect(url: str, *, setting: str = "DATABASE_URL") -> psycopg.Connection:
+    """A synchronous connection, or ConfigError naming ``setting``."""
+    try:
+        return psycopg.connect(url, connect_timeout=10, row_factory=dict_row)
+    except psycopg.Error as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(setting, f"PostgreSQL at {describe_url(url)} does not answer ({message})") from None

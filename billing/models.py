@@ -1,0 +1,72 @@
+"""Models that cross a boundary: workflow, activity, signal and query inputs and outputs.
+
+Temporal payloads are capped at 2 MB, so these carry IDs and small summaries, never tables.
+Every workflow and activity takes one model and returns one model.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MONTH_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
+
+
+class Model(BaseModel):
+    """Base of every boundary model: immutable, unknown fields refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MonthlyResetInput(Model):
+    """Close ``org_id``'s month before ``month`` and open ``month`` (``YYYY-MM``)."""
+
+    org_id: str
+    month: str = Field(pattern=MONTH_PATTERN)
+
+
+class MonthlyResetResult(Model):
+    """What a monthly reset did. ``claimed`` is false when the month had already been reset."""
+
+    org_id: str
+    month: str
+    closed_month: str
+    claimed: bool
+    tags_closed: int
+    flags: int
+
+
+class MonthlyCloseInput(Model):
+    """Start the monthly resets of every org with usage in the month before ``month``.
+
+    ``month`` defaults to the UTC month in which the workflow runs (the schedule fires on the 1st).
+    The other fields carry progress across continue-as-new.
+    """
+
+    month: str | None = Field(default=None, pattern=MONTH_PATTERN)
+    after_org_id: str | None = None
+    started: int = 0
+    already_started: int = 0
+
+
+class MonthlyCloseResult(Model):
+    """How many resets a monthly close started, and how many already existed."""
+
+    month: str
+    started: int
+    already_started: int
+
+
+class StartResetsInput(Model):
+    """One page of orgs (ordered by id, after ``after_org_id``) whose ``month`` reset to start."""
+
+    month: str = Field(pattern=MONTH_PATTERN)
+    after_org_id: str | None = None
+    page_size: int = Field(default=500, ge=1, le=5000)
+
+
+class StartResetsResult(Model):
+    """The outcome of one page; ``last_org_id`` is the cursor for the next, ``None`` when done."""
+
+    started: int
+    already_started: int
+    last_org_id: str | None

@@ -1,0 +1,109 @@
+"""One organization's billing picture, as ``GET /v1/orgs/{id}`` and ``billing status`` show it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+from temporalio.client import Client
+
+from billing.months import parse_month
+from billing.sql import query
+
+
+class MeterUsage(BaseModel):
+    """This month's usage of one meter against the plan's included quantity."""
+
+    tag: str
+    kind: str
+    limit_name: str
+    used: int
+    included: int | None
+    over_by: int
+    excess: bool
+
+
+class ReportCount(BaseModel):
+    """Stripe reports of one status not yet sent."""
+
+    status: str
+    reports: int
+    quantity: int
+    last_reason: str | None
+
+
+class WorkflowSummary(BaseModel):
+    """One of the org's workflows, as listed by the ``BillingOrgId`` search attribute."""
+
+    workflow_id: str
+    workflow_type: str
+    status: str
+    started_at: datetime | None
+
+
+class OrgStatus(BaseModel):
+    """Everything an operator or the finance team asks first about an org."""
+
+    org_id: str
+    name: str | None
+    plan: str
+    payment_status: str
+    payment_status_reason: str | None
+    pending_plan: str | None
+    period_end: datetime | None
+    stripe_customer_id: str | None
+    stripe_subscription_id: str | None
+    month: str
+    usage: list[MeterUsage]
+    flagged_projects: list[dict[str, str]]
+    stripe_reports: list[ReportCount]
+    stripe_reporting: str
+    recent_resets: list[str]
+    workflows: list[WorkflowSummary] = []
+
+
+async def load_org_status(
+    pool: AsyncConnectionPool, org_id: str, month: str, *, stripe_configured: bool
+) -> OrgStatus | None:
+    """The org's status from PostgreSQL for ``month`` (``YYYY-MM``); None for an unknown org."""
+    params = {"org_id": org_id, "month": parse_month(month)}
+    async with pool.connection() as conn:
+        billing = await (await conn.execute(query("org_billing"), params)).fetchone()
+        if billing is None:
+            return None
+        usage = await (await conn.execute(query("org_month_usage"), params)).fetchall()
+        flags = await (await conn.execute(query("org_flagged_projects"), params)).fetchall()
+        reports = await (await conn.execute(query("org_report_counts"), params)).fetchall()
+        resets = await (await conn.execute(query("org_resets"), params)).fetchall()
+    pending = sum(r["reports"] for r in reports if r["status"] == "pending")
+    if not stripe_configured and pending:
+        reporting = f"STRIPE_API_KEY is not set: {pending} reports wait in the outbox as pending, none lost"
+    elif not stripe_configured:
+        reporting = "STRIPE_API_KEY is not set: overage will wait in the outbox until it is"
+    else:
+        reporting = "enabled"
+    return OrgStatus(
+        **{key: billing[key] for key in billing if key in OrgStatus.model_fields},
+        month=month,
+        usage=[MeterUsage(**row) for row in usage],
+        flagged_projects=[dict(row) for row in flags],
+        stripe_reports=[ReportCount(**row) for row in reports],
+        stripe_reporting=reporting,
+        recent_resets=[row["month"] for row in resets],
+    )
+
+
+async def list_org_workflows(client: Client, org_id: str, limit: int = 20) -> list[WorkflowSummary]:
+    """The org's most recent workflows, found by the ``BillingOrgId`` search attribute."""
+    found: list[WorkflowSummary] = []
+    async for execution in client.list_workflows(f"BillingOrgId = '{org_id}'", limit=limit):
+        found.append(
+            WorkflowSummary(
+                workflow_id=execution.id,
+                workflow_type=execution.workflow_type,
+                status=execution.status.name if execution.status else "UNKNOWN",
+                started_at=execution.start_time,
+            )
+        )
+    return found

@@ -1,0 +1,33 @@
+"""Prometheus metrics and OpenTelemetry tracing shared by the API and the worker."""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import Counter, Histogram
+
+HTTP_REQUESTS = Counter(
+    "billing_http_requests_total", "HTTP requests answered", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram("billing_http_request_seconds", "HTTP request latency", ["method", "route"])
+USAGE_ROWS = Counter("billing_usage_rows_total", "Counter rows received", ["outcome"])
+WEBHOOK_EVENTS = Counter("billing_webhook_events_total", "Stripe webhook deliveries", ["outcome"])
+STRIPE_REPORTS = Counter("billing_stripe_reports_total", "Stripe meter events by outcome", ["outcome"])
+
+
+def tracer_provider() -> TracerProvider:
+    """The process's SDK tracer provider, installed on first use.
+
+    Spans are exported only where an exporter is added (tests add an in-memory one; a deployment adds
+    OTLP); without one they still carry attributes for in-process consumers and cost little.
+    """
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    return provider
+
+
+def tracer() -> trace.Tracer:
+    """The tracer of the billing service."""
+    return tracer_provider().get_tracer("billing")

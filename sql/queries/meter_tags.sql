@@ -1,0 +1,1 @@
+SELECT tag FROM meters ORDER BY tag

@@ -1,0 +1,1 @@
+SELECT recompute_quota_flags(%(org_ids)s::uuid[], %(month)s::date) AS flags

@@ -1,0 +1,56 @@
+"""Worker wiring: which workflows and activities run on the billing task queue.
+
+``python worker.py`` runs a worker against the configured PostgreSQL and Temporal (same as
+``billing worker``). Scale out by starting more of them on the same task queue.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.resets import ResetActivities
+from billing.config import Settings
+from workflows.monthly_close import MonthlyCloseWorkflow
+from workflows.monthly_reset import MonthlyResetWorkflow
+
+WORKFLOWS: Sequence[type] = (
+    MonthlyResetWorkflow,
+    MonthlyCloseWorkflow,
+)
+
+
+def activities(
+    settings: Settings, pool: AsyncConnectionPool, client: Client, task_queue: str
+) -> list[Callable[..., Any]]:
+    """Every activity, bound to its dependencies."""
+    resets = ResetActivities(pool, client, task_queue)
+    return [
+        resets.close_org_month,
+        resets.start_monthly_resets,
+    ]
+
+
+def build_worker(
+    settings: Settings, pool: AsyncConnectionPool, client: Client, *, task_queue: str | None = None
+) -> Worker:
+    """A worker for ``task_queue`` (default BILLING_TASK_QUEUE) running every workflow and activity."""
+    queue = task_queue or settings.task_queue
+    return Worker(
+        client,
+        task_queue=queue,
+        workflows=list(WORKFLOWS),
+        activities=activities(settings, pool, client, queue),
+        max_concurrent_activities=50,
+    )
+
+
+if __name__ == "__main__":
+    from billing.cli import main
+
+    sys.exit(main(["worker", *sys.argv[1:]]))

@@ -1,0 +1,37 @@
+"""``monthly-reset/{org_id}/{YYYY-MM}``: close an org's previous month, exactly once."""
+
+from __future__ import annotations
+
+from temporalio import workflow
+
+from billing.models import MonthlyResetInput, MonthlyResetResult
+from billing.months import previous_month
+from workflows.common import DB_RETRY, DB_TIMEOUT
+
+
+@workflow.defn
+class MonthlyResetWorkflow:
+    """Runs the one transaction that claims and closes the month; never half-applied.
+
+    Its workflow ID may not be reused (see billing.temporal.start_monthly_reset), and the SQL claim
+    makes a second run change nothing even after Temporal has forgotten the first.
+    """
+
+    @workflow.run
+    async def run(self, request: MonthlyResetInput) -> MonthlyResetResult:
+        closing = previous_month(request.month)
+        workflow.set_current_details(f"Closing {closing} of org {request.org_id}")
+        result: MonthlyResetResult = await workflow.execute_activity(
+            "close_org_month",
+            request,
+            result_type=MonthlyResetResult,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        if result.claimed:
+            workflow.set_current_details(
+                f"Closed {closing}: {result.tags_closed} meters recorded, {result.flags} quota flags now"
+            )
+        else:
+            workflow.set_current_details(f"{request.month} had already been reset; nothing changed")
+        return result
