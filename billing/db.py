@@ -21,6 +21,15 @@ def describe_url(url: str) -> str:
 
 async def open_pool(url: str, *, setting: str = "DATABASE_URL", max_size: int = 10) -> AsyncConnectionPool:
     """Open a pool and prove the server answers; ConfigError naming ``setting`` if it does not."""
+    # One plain connection first: it fails fast with the server's own message, where the pool would
+    # retry in the background and log every attempt.
+    try:
+        probe = await psycopg.AsyncConnection.connect(url, connect_timeout=10)
+        await probe.close()
+    except psycopg.Error as exc:
+        raise ConfigError(
+            setting, f"PostgreSQL at {describe_url(url)} does not answer ({_first_line(exc)})"
+        ) from None
     pool = AsyncConnectionPool(
         url, min_size=1, max_size=max_size, open=False, kwargs={"row_factory": dict_row}, timeout=10
     )
@@ -37,5 +46,11 @@ def check_connect(url: str, *, setting: str = "DATABASE_URL") -> psycopg.Connect
     try:
         return psycopg.connect(url, connect_timeout=10, row_factory=dict_row)
     except psycopg.Error as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(setting, f"PostgreSQL at {describe_url(url)} does not answer ({message})") from None
+        raise ConfigError(
+            setting, f"PostgreSQL at {describe_url(url)} does not answer ({_first_line(exc)})"
+        ) from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

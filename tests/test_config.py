@@ -1,0 +1,75 @@
+"""Each configuration error ends the command with one line naming the setting, exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from billing.config import Settings
+from billing.errors import ConfigError
+from tests.conftest import VENV_BIN
+
+GOOD_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
+UNREACHABLE_DB = "postgresql://postgres@127.0.0.1:1/postgres"
+ORG = "3fa85f64-5717-4562-b3fc-2c963f66afa6"
+
+
+def billing(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with only the given settings in its environment."""
+    clean = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env}
+    return subprocess.run(
+        [str(VENV_BIN / "billing"), *args], env=clean, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "setting"),
+    [
+        (["migrate", "--sql-only"], {}, "DATABASE_URL"),
+        (["migrate", "--sql-only"], {"DATABASE_URL": "mysql://root@localhost/db"}, "DATABASE_URL"),
+        (["migrate", "--sql-only"], {"DATABASE_URL": UNREACHABLE_DB}, "DATABASE_URL"),
+        (["status", ORG], {"DATABASE_URL": UNREACHABLE_DB}, "DATABASE_URL"),
+        (["reset", ORG, "--month", "2026-11"], {"TEMPORAL_ADDRESS": "no-port-here"}, "TEMPORAL_ADDRESS"),
+        (["reset", ORG, "--month", "2026-11"], {"TEMPORAL_ADDRESS": "127.0.0.1:1"}, "TEMPORAL_ADDRESS"),
+        (["api"], {"DATABASE_URL": GOOD_DB}, "BILLING_API_TOKEN"),
+        (["api"], {"BILLING_API_TOKEN": "short"}, "BILLING_API_TOKEN"),
+        (["api"], {"BILLING_HTTP_ADDR": "8080"}, "BILLING_HTTP_ADDR"),
+        (["worker"], {"STRIPE_API_BASE": "stripe.local"}, "STRIPE_API_BASE"),
+        (["worker"], {"BILLING_METRICS_SOURCE_URL": "http://x"}, "BILLING_METRICS_SOURCE_URL"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it_with_exit_status_2(
+    args: list[str], env: dict[str, str], setting: str
+) -> None:
+    result = billing(args, **env)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"billing: error: {setting}:"), lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_bad_arguments_are_one_line_with_exit_status_2() -> None:
+    for args in (
+        ["reset", "not-a-uuid", "--month", "2026-11"],
+        ["reset", ORG, "--month", "2026-13"],
+        ["nope"],
+    ):
+        result = billing(args)
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_settings_defaults_and_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE", "BILLING_TASK_QUEUE", "BILLING_HTTP_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings.load()
+    assert settings.temporal_address == "127.0.0.1:7233"
+    assert settings.temporal_namespace == "default"
+    assert settings.task_queue == "billing"
+    assert settings.http_host_port == ("127.0.0.1", 8080)
+    assert not settings.is_set("temporal_address")
+    with pytest.raises(ConfigError, match="^TEMPORAL_ADDRESS: "):
+        Settings.load(TEMPORAL_ADDRESS="host:notaport")
