@@ -49,6 +49,7 @@ import json
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -986,6 +987,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client must never block interpreter exit
     allow_reuse_address = True
     fake: FakeStripe
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet when a client hung up (e.g. timed out on a ``slow_next`` request)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
