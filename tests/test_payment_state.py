@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import random
@@ -753,3 +754,17 @@ def test_apply_event_does_not_mutate_its_input() -> None:
     for event in all_kinds_of_events():
         apply_event(state, event)
     assert state.model_dump() == before
+
+
+def test_reducer_imports_inside_the_workflow_sandbox() -> None:
+    """The sandbox re-imports the workflow module with its restrictions; a forbidden import would raise."""
+    from temporalio import workflow
+    from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
+
+    from tests.sandbox_probe_workflow import PaymentReducerProbeWorkflow
+
+    async def prepare() -> None:  # the runner needs a running event loop
+        definition = workflow._Definition.must_from_class(PaymentReducerProbeWorkflow)
+        SandboxedWorkflowRunner().prepare_workflow(definition)
+
+    asyncio.run(prepare())
