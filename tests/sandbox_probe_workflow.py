@@ -1,0 +1,21 @@
+"""A minimal workflow that imports the payment reducer inside Temporal's workflow sandbox.
+
+Used by `test_payment_state.py::test_reducer_imports_inside_the_workflow_sandbox` to prove the reducer
+and the event model stay sandbox-safe (no I/O or non-deterministic imports at module level).
+"""
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    import pydantic  # noqa: F401  (pass pydantic through, as the real workflows do)
+
+from billing.stripe_events import BillingEvent
+from workflows.payment_state import PaymentState, apply_event, apply_operator
+
+
+@workflow.defn
+class PaymentReducerProbeWorkflow:
+    @workflow.run
+    async def run(self, event: BillingEvent) -> str:
+        state = apply_event(PaymentState(), event).state
+        return apply_operator(state, "block", "probe", at=event.created).state.payment_status
