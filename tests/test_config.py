@@ -71,5 +71,5 @@ def test_settings_defaults_and_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.task_queue == "billing"
     assert settings.http_host_port == ("127.0.0.1", 8080)
     assert not settings.is_set("temporal_address")
-    with pytest.raises(ConfigError, match="^TEMPORAL_ADDRESS: "):
+    with pytest.raises(ConfigError, match=r"^TEMPORAL_ADDRESS: "):
         Settings.load(TEMPORAL_ADDRESS="host:notaport")
