@@ -82,8 +82,13 @@ async def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.require_api_token()
     async with open_services(settings) as services:
-        print(f"API on http://{settings.http_addr}", flush=True)
-        await serve_until_stopped(services, run_worker=False, run_api=True, stop=stop_event())
+        await serve_until_stopped(
+            services,
+            run_worker=False,
+            run_api=True,
+            stop=stop_event(),
+            on_ready=lambda: print(f"API on http://{settings.http_addr}", flush=True),
+        )
     return 0
 
 
@@ -91,7 +96,9 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     """Run the whole system on embedded defaults (see billing/devstack.py)."""
     from billing.devstack import run_dev
 
-    return await run_dev(settings, data_dir=args.data_dir)
+    return await run_dev(
+        settings, data_dir=args.data_dir, temporal_port=args.temporal_port, ui_port=args.ui_port
+    )
 
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -190,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = add("dev", cmd_dev, "run everything on embedded PostgreSQL and Temporal (data in .data/)")
     dev.add_argument("--data-dir", default=".data", help="where embedded state lives (default .data)")
+    dev.add_argument(
+        "--temporal-port", type=int, default=7233, help="embedded Temporal's port (default 7233)"
+    )
+    dev.add_argument(
+        "--ui-port", type=int, default=8233, help="embedded Temporal Web UI's port (default 8233)"
+    )
     add("worker", cmd_worker, "run a Temporal worker on BILLING_TASK_QUEUE")
     add("api", cmd_api, "serve the HTTP API on BILLING_HTTP_ADDR")
     migrate = add("migrate", cmd_migrate, "apply SQL migrations; register search attributes and schedules")

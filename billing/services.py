@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -62,9 +62,17 @@ def stop_event() -> asyncio.Event:
 
 
 async def serve_until_stopped(
-    services: Services, *, run_worker: bool, run_api: bool, stop: asyncio.Event
+    services: Services,
+    *,
+    run_worker: bool,
+    run_api: bool,
+    stop: asyncio.Event,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Run the worker and/or the HTTP API until ``stop`` is set, then shut both down gracefully."""
+    """Run the worker and/or the HTTP API until ``stop`` is set, then shut both down gracefully.
+
+    ``on_ready`` is called once the API accepts connections (so a printed address works at once).
+    """
     from api.app import create_app
     from worker import build_worker
 
@@ -85,6 +93,10 @@ async def serve_until_stopped(
         # uvicorn installs its own signal handlers; ours decide when to stop.
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         tasks.append(asyncio.create_task(server.serve()))
+    while server is not None and not server.started and not tasks[-1].done():
+        await asyncio.sleep(0.05)
+    if on_ready is not None:
+        on_ready()
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     if server is not None:
