@@ -14,6 +14,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -61,9 +62,8 @@ def _postgres_server(tmp: Path) -> Iterator[str]:
 
 
 def _with_dbname(url: str, dbname: str) -> str:
-    params = psycopg.conninfo.conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return psycopg.conninfo.make_conninfo(**params)
+    # A URL, not a conninfo string: Settings (DATABASE_URL) accepts only postgresql:// URLs.
+    return urlunsplit(urlsplit(url)._replace(path=f"/{dbname}"))
 
 
 @pytest.fixture(scope="session")
