@@ -23,6 +23,9 @@ from billing.usage_batches import MAX_ROWS, batch_answer, parse_metrics, run_usa
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # Writes the product's gateway asks about: they consume quota, so a flagged project is refused.
 _QUOTA_WRITES = re.compile(r"^/api/v1/(session/[^/]+/messages|disk/[^/]+/artifact)/?$")
+# How long a push waits for the monthly resets its rows need before it skips their orgs; a deployment
+# (or a test) may set ``app.state.reset_wait_seconds``.
+RESET_WAIT_SECONDS = 60.0
 
 
 async def _read_body(request: Request) -> bytes:
@@ -76,7 +79,12 @@ async def post_metrics(request: Request) -> JSONResponse:
         USAGE_ROWS.labels("staged").inc(len(batch.rows))
         USAGE_ROWS.labels("rejected_unparsed").inc(len(batch.rejected))
     try:
-        result = await run_usage_sync(request.app.state.client, settings.task_queue, batch.batch_id)
+        result = await run_usage_sync(
+            request.app.state.client,
+            settings.task_queue,
+            batch.batch_id,
+            reset_wait_seconds=getattr(request.app.state, "reset_wait_seconds", RESET_WAIT_SECONDS),
+        )
     except RPCError as exc:
         raise ApiError(
             503, f"could not run usage-sync/{batch.batch_id} ({exc.message}); retry the push"
