@@ -20,7 +20,12 @@ from temporalio.client import (
     ScheduleUpdateInput,
     WorkflowExecutionStatus,
 )
-from temporalio.common import SearchAttributeKey, TypedSearchAttributes, WorkflowIDReusePolicy
+from temporalio.common import (
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDReusePolicy,
+)
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
@@ -159,7 +164,9 @@ async def start_monthly_reset(client: Client, task_queue: str, org_id: str, mont
             id=workflow_id,
             task_queue=task_queue,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=TypedSearchAttributes([ORG_ID.value_set(org_id), MONTH.value_set(month)]),
+            search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(ORG_ID, org_id), SearchAttributePair(MONTH, month)]
+            ),
             static_summary=f"Close the month before {month} for org {org_id}",
         )
         return ResetStart(workflow_id, True, WorkflowExecutionStatus.RUNNING)
