@@ -64,6 +64,12 @@ CREATE TABLE sync_watermarks (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
+-- Checkpoints and usage rows are rewritten by every sync; leaving room on each page lets PostgreSQL
+-- update them in place (HOT) instead of adding an index entry per changed row.
+ALTER TABLE counter_checkpoints SET (fillfactor = 70);
+ALTER TABLE project_usage SET (fillfactor = 70);
+ALTER TABLE org_usage SET (fillfactor = 70);
+
 -- The UTC month a row's usage belongs to: a counter's day (created_at); a gauge's observation time
 -- (updated_at), because a gauge row is replaced on change and its created_at may be months old.
 CREATE FUNCTION usage_month(p_kind text, p_created_at timestamptz, p_updated_at timestamptz)
@@ -83,7 +89,10 @@ $$;
 CREATE FUNCTION apply_usage_batch(p_batch text)
 RETURNS TABLE (rows_received integer, rows_applied bigint, rows_rejected bigint, rows_pending bigint,
                overage_reports bigint, orgs_applied bigint, orgs_skipped bigint)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- A 100,000-row batch sorts and hashes in memory rather than on disk.
+SET work_mem = '64MB'
+AS $$
 DECLARE
     v_hour       timestamptz := date_trunc('hour', now(), 'UTC');
     v_this_month date := date_trunc('month', now() AT TIME ZONE 'UTC')::date;
@@ -151,8 +160,7 @@ BEGIN
     CREATE TEMP TABLE ub_rows ON COMMIT DROP AS
     SELECT DISTINCT ON (i.project_id, i.tag, i.created_at)
            i.idx, i.project_id, i.tag, i.created_at, i.updated_at, i.total, i.kind, i.organization_id,
-           usage_month(i.kind, i.created_at, i.updated_at) AS month,
-           false AS is_new, 0::bigint AS old_total, NULL::timestamptz AS old_updated_at, NULL::text AS reason
+           usage_month(i.kind, i.created_at, i.updated_at) AS month
     FROM ub_in i
     JOIN ub_orgs o ON o.organization_id = i.organization_id
     WHERE i.reason IS NULL
@@ -160,61 +168,61 @@ BEGIN
 
     -- 4. Lock every checkpoint of the batch in key order, in one statement: new rows are inserted with
     -- their final values (nothing to diff against), existing rows are locked and left as they are.
-    WITH inserted AS (
-        INSERT INTO counter_checkpoints AS c
-            (project_id, tag, row_created_at, applied_total, row_updated_at, batch_id)
-        SELECT project_id, tag, created_at, total, updated_at, p_batch
-        FROM ub_rows
-        ORDER BY project_id, tag, created_at
-        ON CONFLICT (project_id, tag, row_created_at) DO UPDATE
-            SET applied_total = c.applied_total WHERE false
-        RETURNING c.project_id, c.tag, c.row_created_at
-    )
-    UPDATE ub_rows r SET is_new = true
-    FROM inserted n
-    WHERE r.project_id = n.project_id AND r.tag = n.tag AND r.created_at = n.row_created_at;
+    INSERT INTO counter_checkpoints AS c
+        (project_id, tag, row_created_at, applied_total, row_updated_at, batch_id)
+    SELECT project_id, tag, created_at, total, updated_at, p_batch
+    FROM ub_rows
+    ORDER BY project_id, tag, created_at
+    ON CONFLICT (project_id, tag, row_created_at) DO UPDATE SET applied_total = c.applied_total WHERE false;
 
     -- 5. Diff against the checkpoints. A new statement sees every commit that preceded our locks, so
     -- a concurrent batch's newer value of the same row is what we diff against, never a stale one.
-    UPDATE ub_rows r
-    SET old_total = c.applied_total,
-        old_updated_at = c.row_updated_at,
-        reason = CASE
-            WHEN r.updated_at < c.row_updated_at
-                THEN format('went backwards: updated_at %s is older than the %s already applied',
-                            r.updated_at, c.row_updated_at)
-            WHEN r.kind = 'counter' AND r.total < c.applied_total
-                THEN format('went backwards: total %s is smaller than the %s already applied',
-                            r.total, c.applied_total)
-        END
-    FROM counter_checkpoints c
-    WHERE NOT r.is_new
-      AND c.project_id = r.project_id AND c.tag = r.tag AND c.row_created_at = r.created_at;
+    -- A checkpoint carrying this batch's id was inserted just now: the orgs of any earlier run of
+    -- this batch are excluded above, and existing checkpoints get this id only further down.
+    CREATE TEMP TABLE ub_diff ON COMMIT DROP AS
+    SELECT r.*, x.is_new,
+           CASE WHEN x.is_new THEN 0 ELSE c.applied_total END AS old_total,
+           CASE
+               WHEN x.is_new THEN NULL
+               WHEN r.updated_at < c.row_updated_at
+                   THEN format('went backwards: updated_at %s is older than the %s already applied',
+                               r.updated_at, c.row_updated_at)
+               WHEN r.kind = 'counter' AND r.total < c.applied_total
+                   THEN format('went backwards: total %s is smaller than the %s already applied',
+                               r.total, c.applied_total)
+           END AS reason,
+           -- Seen before exactly as it is now: nothing to do.
+           NOT x.is_new AND r.total = c.applied_total AND r.updated_at = c.row_updated_at AS unchanged
+    FROM ub_rows r
+    JOIN counter_checkpoints c
+      ON c.project_id = r.project_id AND c.tag = r.tag AND c.row_created_at = r.created_at
+    CROSS JOIN LATERAL (SELECT c.batch_id = p_batch AS is_new) x;
 
     INSERT INTO usage_batch_rejections (batch_id, idx, reason)
-    SELECT p_batch, idx, reason FROM ub_rows WHERE reason IS NOT NULL
+    SELECT p_batch, idx, reason FROM ub_diff WHERE reason IS NOT NULL
     ON CONFLICT DO NOTHING;
-    DELETE FROM ub_rows
-    WHERE reason IS NOT NULL
-       OR (NOT is_new AND total = old_total AND updated_at = old_updated_at);  -- seen before: nothing to do
 
     UPDATE counter_checkpoints c
     SET applied_total = r.total, row_updated_at = r.updated_at, batch_id = p_batch, applied_at = now()
-    FROM ub_rows r
-    WHERE NOT r.is_new
+    FROM ub_diff r
+    WHERE NOT r.is_new AND r.reason IS NULL AND NOT r.unchanged
       AND c.project_id = r.project_id AND c.tag = r.tag AND c.row_created_at = r.created_at;
+
+    -- Only the rows that change something go on.
+    CREATE TEMP TABLE ub_applied ON COMMIT DROP AS
+    SELECT * FROM ub_diff WHERE reason IS NULL AND NOT unchanged;
 
     -- 6. Per project, meter and month: counters add their growth; a gauge takes its newest level.
     CREATE TEMP TABLE ub_pu ON COMMIT DROP AS
     (SELECT project_id, tag, month, organization_id, false AS is_gauge,
             sum(total - old_total)::bigint AS amount, 0::bigint AS old_value, false AS is_new
-     FROM ub_rows
+     FROM ub_applied
      WHERE kind = 'counter' AND total > old_total
      GROUP BY project_id, tag, month, organization_id)
     UNION ALL
     (SELECT DISTINCT ON (project_id, tag) project_id, tag, month, organization_id, true,
             total, 0::bigint, false
-     FROM ub_rows
+     FROM ub_applied
      WHERE kind = 'gauge'
      ORDER BY project_id, tag, updated_at DESC, created_at DESC);
 
@@ -246,7 +254,7 @@ BEGIN
     SELECT p_batch, r.organization_id, r.project_id, r.tag, r.month, r.total - r.old_total,
            t.old_value + sum(r.total - r.old_total)
                OVER (PARTITION BY r.project_id, r.tag, r.month ORDER BY r.created_at, r.idx)
-    FROM ub_rows r
+    FROM ub_applied r
     JOIN ub_pu t ON NOT t.is_gauge AND t.project_id = r.project_id AND t.tag = r.tag AND t.month = r.month
     WHERE r.kind = 'counter' AND r.total > r.old_total
     UNION ALL
@@ -277,15 +285,36 @@ BEGIN
     JOIN changes c ON c.organization_id = u.organization_id AND c.tag = u.tag AND c.month = u.month;
 
     -- 9. Quota flags against each org's newest opened month: late growth of a closed month is kept
-    -- in that month and never counts against the new one. All orgs are locked first, in id order, so
-    -- the per-month calls below cannot interleave with another batch's in a different order.
+    -- in that month and never counts against the new one. Usage moves flags only where it crossed
+    -- an included quantity of the org's plan in that month (every other cause of a flag change -- plan,
+    -- payment status, limits, projects, the monthly reset -- recomputes flags itself), so only those
+    -- orgs, and blocked ones, are recomputed. They are locked first, in id order, so the per-month calls below cannot
+    -- interleave with another batch's in a different order.
+    CREATE TEMP TABLE ub_flag_orgs ON COMMIT DROP AS
+    SELECT DISTINCT o.organization_id, g.open_month
+    FROM ub_ou o
+    JOIN ub_orgs g ON g.organization_id = o.organization_id AND g.open_month = o.month
+    LEFT JOIN organization_billing b ON b.organization_id = o.organization_id
+    JOIN plan_limits l ON l.plan = coalesce(b.plan, 'free') AND l.tag = o.tag
+    WHERE (o.value_after > l.included) <> (o.value_after - o.delta > l.included)
+    UNION
+    -- Payment blocks flag every project whatever the usage; the dashboard may write the status
+    -- straight into organization_billing, so blocked orgs (and ones still carrying block flags)
+    -- are always recomputed. They are few.
+    SELECT g.organization_id, g.open_month
+    FROM ub_orgs g
+    LEFT JOIN organization_billing b ON b.organization_id = g.organization_id
+    WHERE b.payment_status = 'blocked'
+       OR EXISTS (SELECT 1 FROM quota_flags f
+                  WHERE f.organization_id = g.organization_id AND f.reason = 'payment_blocked');
+
     PERFORM 1 FROM organizations
-    WHERE id IN (SELECT organization_id FROM ub_orgs)
+    WHERE id IN (SELECT organization_id FROM ub_flag_orgs)
     ORDER BY id
     FOR NO KEY UPDATE;
-    FOR v_month IN SELECT DISTINCT open_month FROM ub_orgs ORDER BY 1 LOOP
+    FOR v_month IN SELECT DISTINCT open_month FROM ub_flag_orgs ORDER BY 1 LOOP
         PERFORM recompute_quota_flags(
-            ARRAY(SELECT organization_id FROM ub_orgs WHERE open_month = v_month ORDER BY 1), v_month);
+            ARRAY(SELECT organization_id FROM ub_flag_orgs WHERE open_month = v_month ORDER BY 1), v_month);
     END LOOP;
 
     -- 10. Paid plans: queue the counter overage this batch added (overage after minus overage before),
@@ -315,7 +344,7 @@ BEGIN
     INSERT INTO usage_batch_orgs (batch_id, organization_id, rows_applied, overage_reports)
     SELECT p_batch, o.organization_id, coalesce(r.changed, 0), coalesce(q.reports, 0)
     FROM ub_orgs o
-    LEFT JOIN (SELECT organization_id, count(*) AS changed FROM ub_rows
+    LEFT JOIN (SELECT organization_id, count(*) AS changed FROM ub_applied
                WHERE total <> old_total GROUP BY organization_id) r ON r.organization_id = o.organization_id
     LEFT JOIN ub_outbox q ON q.organization_id = o.organization_id
     ORDER BY o.organization_id
