@@ -15,13 +15,17 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.resets import ResetActivities
+from activities.usage import UsageActivities
 from billing.config import Settings
 from workflows.monthly_close import MonthlyCloseWorkflow
 from workflows.monthly_reset import MonthlyResetWorkflow
+from workflows.usage_sync import PullUsageSyncWorkflow, UsageSyncWorkflow
 
 WORKFLOWS: Sequence[type] = (
     MonthlyResetWorkflow,
     MonthlyCloseWorkflow,
+    UsageSyncWorkflow,
+    PullUsageSyncWorkflow,
 )
 
 
@@ -30,9 +34,14 @@ def activities(
 ) -> list[Callable[..., Any]]:
     """Every activity, bound to its dependencies."""
     resets = ResetActivities(pool, client, task_queue)
+    usage = UsageActivities(settings, pool, client, task_queue)
     return [
         resets.close_org_month,
         resets.start_monthly_resets,
+        usage.ensure_batch_resets,
+        usage.apply_usage_batch,
+        usage.stage_pull_batch,
+        usage.advance_pull_watermark,
     ]
 
 

@@ -182,6 +182,26 @@ async def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one pull of the core service's metrics table now, through Temporal, and say what it did."""
+    from billing.usage_sync import run_pull_now
+
+    result = await run_pull_now(settings)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+        return 0
+    print(result.message)
+    if result.sync is not None:
+        sync = result.sync
+        print(f"  batch {sync.batch_id}: {sync.rows_applied} rows applied, {sync.rows_rejected} rejected,")
+        print(f"  {sync.overage_reports} overage reports queued, {sync.orgs_applied} orgs applied")
+        for skip in sync.skipped_orgs:
+            print(f"  skipped org {skip.org_id} ({skip.month}): {skip.reason}")
+    if result.watermark is not None:
+        print(f"  watermark: {result.watermark.isoformat()}")
+    return 0
+
+
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
 
@@ -214,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("org_id", type=_org_id, metavar="ORG_ID")
     status.add_argument("--month", type=_month, help="YYYY-MM (default: this UTC month)")
     status.add_argument("--json", action="store_true", help="print JSON")
+
+    sync = add("sync", cmd_sync, "run a usage sync now (pull mode) and print what it applied")
+    sync.add_argument("--json", action="store_true", help="print JSON")
 
     reset = add("reset", cmd_reset, "reset an org's month once (says 'already done' the second time)")
     reset.add_argument("org_id", type=_org_id, metavar="ORG_ID")

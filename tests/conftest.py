@@ -63,8 +63,8 @@ def _postgres_server(tmp: Path) -> Iterator[str]:
 
 
 def _with_dbname(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{dbname}"))
+    # A URL, not a conninfo string: Settings (DATABASE_URL) accepts only postgresql:// URLs.
+    return urlunsplit(urlsplit(url)._replace(path=f"/{dbname}"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,225 @@
+"""Activities of the usage sync: open the months a batch needs, apply it, pull from the core service.
+
+Each one is idempotent: the reset check re-derives its verdict, the apply skips orgs already applied
+for the batch (usage_batch_orgs) and reads its result back from PostgreSQL, a pull re-read of rows
+already applied diffs to nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+
+from billing.config import Settings
+from billing.errors import ConfigError
+from billing.models_sync import (
+    MAX_LISTED_SKIPS,
+    AdvanceWatermarkInput,
+    AdvanceWatermarkResult,
+    ApplyBatchInput,
+    ApplyBatchResult,
+    EnsureResetsInput,
+    EnsureResetsResult,
+    PullStageInput,
+    PullStageResult,
+    SkippedOrg,
+)
+from billing.months import parse_month
+from billing.sql import query
+from billing.temporal import start_monthly_reset
+
+# Starting a workflow is one RPC; a handful at once keeps a big batch fast without flooding Temporal.
+_CONCURRENT_STARTS = 16
+_HEARTBEAT_EVERY = 2.0
+# The apply's locks are taken in one fixed order, so these should never happen; if one does, the
+# transaction is simply run again (Temporal would retry the activity anyway).
+_APPLY_ATTEMPTS = 3
+_RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+# The pull watermark's key in sync_watermarks.
+PULL_SOURCE = "metrics"
+_FAILED = {
+    WorkflowExecutionStatus.FAILED: "failed",
+    WorkflowExecutionStatus.TERMINATED: "was terminated",
+    WorkflowExecutionStatus.CANCELED: "was cancelled",
+    WorkflowExecutionStatus.TIMED_OUT: "timed out",
+}
+
+
+class UsageActivities:
+    """The side effects of ``usage-sync/{batch}`` and of pull mode."""
+
+    def __init__(
+        self, settings: Settings, pool: AsyncConnectionPool, client: Client, task_queue: str
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.client = client
+        self.task_queue = task_queue
+
+    async def _settle_reset(self, org_id: str, month: str) -> tuple[bool, str | None]:
+        """Start (or find) ``monthly-reset/{org}/{month}`` and wait for it: (started now, failure)."""
+        outcome = await start_monthly_reset(self.client, self.task_queue, org_id, month)
+        if outcome.status in _FAILED:
+            return outcome.started, f"{outcome.workflow_id} {_FAILED[outcome.status]}"
+        if outcome.status == WorkflowExecutionStatus.COMPLETED:
+            return outcome.started, None
+        try:
+            await self.client.get_workflow_handle(outcome.workflow_id).result()
+        except WorkflowFailureError as exc:
+            cause = exc.cause.message if exc.cause is not None and hasattr(exc.cause, "message") else exc
+            return outcome.started, f"{outcome.workflow_id} did not complete: {cause}"
+        return outcome.started, None
+
+    @activity.defn(name="ensure_batch_resets")
+    async def ensure_batch_resets(self, request: EnsureResetsInput) -> EnsureResetsResult:
+        """Make sure each (org, month) the batch needs is opened by its monthly reset.
+
+        Starts the missing ``monthly-reset/{org}/{month}`` workflows and waits for them (heartbeating)
+        at most ``wait_seconds``. Orgs whose reset failed, was terminated or did not finish in time are
+        recorded as skipped for the batch, replacing the previous check's verdict.
+        """
+        params = {"batch_id": request.batch_id}
+        async with self.pool.connection() as conn:
+            needed = await (await conn.execute(query("batch_resets_needed"), params)).fetchall()
+
+        gate = asyncio.Semaphore(_CONCURRENT_STARTS)
+
+        async def settle(org_id: str, month: str) -> tuple[bool, str | None]:
+            async with gate:
+                return await self._settle_reset(org_id, month)
+
+        tasks = {
+            (row["org_id"], row["month"]): asyncio.create_task(settle(row["org_id"], row["month"]))
+            for row in needed
+        }
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request.wait_seconds
+        pending = set(tasks.values())
+        while pending and loop.time() < deadline:
+            activity.heartbeat(f"{len(pending)} of {len(tasks)} monthly resets still running")
+            _, pending = await asyncio.wait(
+                pending, timeout=min(_HEARTBEAT_EVERY, max(deadline - loop.time(), 0.0))
+            )
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+        skips: dict[str, tuple[str, str]] = {}
+        started = 0
+        for (org_id, month), task in tasks.items():
+            if task.cancelled():
+                reason = f"monthly-reset/{org_id}/{month} did not complete within {request.wait_seconds:g} s"
+            elif task.exception() is not None:
+                reason = f"monthly-reset/{org_id}/{month} could not be started: {task.exception()}"
+            else:
+                was_started, reason = task.result()
+                started += was_started
+            if reason is not None and org_id not in skips:
+                skips[org_id] = (month, reason)
+
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(query("clear_batch_skips"), params)
+            if skips:
+                org_ids = sorted(skips)
+                await conn.execute(
+                    query("record_batch_skips"),
+                    {
+                        **params,
+                        "org_ids": org_ids,
+                        "months": [parse_month(skips[org][0]) for org in org_ids],
+                        "reasons": [skips[org][1] for org in org_ids],
+                    },
+                )
+        return EnsureResetsResult(resets_needed=len(tasks), resets_started=started, orgs_skipped=len(skips))
+
+    @activity.defn(name="apply_usage_batch")
+    async def apply_usage_batch(self, request: ApplyBatchInput) -> ApplyBatchResult:
+        """Apply the staged batch in one transaction (``apply_usage_batch`` in sql/0004)."""
+        params = {"batch_id": request.batch_id}
+        for attempt in range(1, _APPLY_ATTEMPTS + 1):
+            try:
+                async with self.pool.connection() as conn:
+                    async with conn.transaction():
+                        row = await (await conn.execute(query("apply_usage_batch"), params)).fetchone()
+                    skipped = await (
+                        await conn.execute(query("batch_skips"), {**params, "limit": MAX_LISTED_SKIPS})
+                    ).fetchall()
+                break
+            except _RETRYABLE:
+                if attempt == _APPLY_ATTEMPTS:
+                    raise
+                activity.logger.warning("apply of batch %s retried after a lock conflict", request.batch_id)
+        assert row is not None
+        return ApplyBatchResult(**row, skipped_orgs=[SkippedOrg(**skip) for skip in skipped])
+
+    @activity.defn(name="stage_pull_batch")
+    async def stage_pull_batch(self, request: PullStageInput) -> PullStageResult:
+        """Copy the source rows changed since the watermark into a staged batch, in one transaction.
+
+        The window is (watermark - overlap, the source's clock now]; its bounds name the batch. Rows
+        stream from the source's COPY straight into ours and never leave the activity.
+        """
+        url = self.settings.metrics_source_url
+        if not url:
+            return PullStageResult(enabled=False)
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(query("watermark_get"), {"source": PULL_SOURCE})).fetchone()
+        watermark: datetime | None = row["watermark"] if row else None
+        window_from = watermark - timedelta(seconds=request.overlap_seconds) if watermark else None
+        try:
+            source = await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise ConfigError(
+                "BILLING_METRICS_SOURCE_URL", f"the metrics source does not answer ({exc})"
+            ) from None
+        async with source:
+            await source.execute(query("source_session"))
+            now_row = await (await source.execute(query("source_now"))).fetchone()
+            assert now_row is not None
+            window_to: datetime = now_row[0]
+            start = "start" if window_from is None else f"{window_from:%Y%m%dT%H%M%S.%fZ}"
+            batch_id = f"pull-{start}-{window_to:%Y%m%dT%H%M%S.%fZ}"
+            copy_params = {
+                "batch_id": batch_id,
+                "window_from": window_from.isoformat() if window_from else "-infinity",
+                "window_to": window_to.isoformat(),
+            }
+            async with self.pool.connection() as conn, conn.transaction():
+                claim = await conn.execute(
+                    query("stage_batch_claim"), {"batch_id": batch_id, "source": "pull", "rows_received": 0}
+                )
+                if await claim.fetchone() is not None:
+                    async with (
+                        source.cursor().copy(query("source_metrics_copy"), copy_params) as outgoing,
+                        conn.cursor().copy(query("stage_batch_rows")) as incoming,
+                    ):
+                        async for data in outgoing:
+                            await incoming.write(data)
+                counted = await (
+                    await conn.execute(query("stage_pull_count"), {"batch_id": batch_id})
+                ).fetchone()
+        assert counted is not None
+        return PullStageResult(
+            enabled=True,
+            batch_id=batch_id,
+            rows_read=counted["rows_received"],
+            window_from=window_from,
+            window_to=window_to,
+        )
+
+    @activity.defn(name="advance_pull_watermark")
+    async def advance_pull_watermark(self, request: AdvanceWatermarkInput) -> AdvanceWatermarkResult:
+        """Move the pull watermark forward (an older value than the stored one changes nothing)."""
+        async with self.pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    query("watermark_advance"), {"source": PULL_SOURCE, "watermark": request.watermark}
+                )
+            ).fetchone()
+        assert row is not None
+        return AdvanceWatermarkResult(watermark=row["watermark"])

@@ -1,0 +1,1 @@
+SELECT watermark FROM sync_watermarks WHERE source = %(source)s

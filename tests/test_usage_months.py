@@ -1,0 +1,217 @@
+"""Month boundaries, monthly resets racing syncs, failing resets, and quota flags across months."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date, timedelta
+
+import httpx
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+
+from billing.config import Settings
+from billing.models import MonthlyResetResult
+from billing.months import month_key
+from billing.temporal import start_monthly_reset
+from tests.factories import fetch_value, make_org
+from tests.usage_support import (
+    ALL_TAGS,
+    day_start,
+    flags,
+    http,
+    last_month_day,
+    month_start,
+    org_usage,
+    push,
+    row,
+    utc_now,
+)
+
+__all__ = ["http"]
+
+
+async def open_month(pool: AsyncConnectionPool, org_id: str, month: date) -> None:
+    """Record that the org's month was opened (as its reset, or its first sync, would have)."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO monthly_resets (organization_id, month) VALUES (%s, %s)", [org_id, month]
+        )
+
+
+async def test_syncs_racing_the_monthly_reset_lose_nothing_and_keep_last_months_growth_there(
+    http: httpx.AsyncClient, pool: AsyncConnectionPool, client: Client, settings: Settings
+) -> None:
+    org = await make_org(pool, projects=2)
+    a, b = org.project_ids
+    now = utc_now()
+    this_month, last_month = month_start(now), month_start(last_month_day(now))
+    old_day, today = last_month_day(now), day_start(now)
+    await open_month(pool, org.id, last_month)
+    await push(http, [row(a, "task.created", old_day, 100, updated_at=old_day + timedelta(hours=1))])
+    assert await org_usage(pool, org.id, "task.created", last_month) == 100
+
+    # The monthly close starts the reset while two syncs carry late growth of last month and this
+    # month's first rows; the syncs wait for the reset before applying this month's rows.
+    first = [
+        row(a, "task.created", old_day, 130, updated_at=old_day + timedelta(hours=2)),
+        row(b, "task.created", today, 5, updated_at=today + timedelta(seconds=1)),
+    ]
+    second = [
+        row(a, "task.created", old_day, 150, updated_at=old_day + timedelta(hours=3)),
+        row(b, "task.created", today, 9, updated_at=min(today + timedelta(seconds=2), now)),
+        row(a, "task.created", today, 4, updated_at=min(today + timedelta(seconds=2), now)),
+    ]
+    _, answer_one, answer_two = await asyncio.gather(
+        start_monthly_reset(client, settings.task_queue, org.id, month_key(this_month)),
+        push(http, first),
+        push(http, second),
+    )
+    reset = await client.get_workflow_handle(
+        f"monthly-reset/{org.id}/{month_key(this_month)}", result_type=MonthlyResetResult
+    ).result()
+    assert reset.claimed
+    assert "skipped" not in answer_one and "skipped" not in answer_two
+    assert await org_usage(pool, org.id, "task.created", last_month) == 150
+    assert await org_usage(pool, org.id, "task.created", this_month) == 13
+    closed = await fetch_value(
+        pool,
+        "SELECT value FROM closed_month_usage WHERE organization_id = %s AND tag = 'task.created'",
+        [org.id],
+    )
+    assert closed in (100, 130, 150)  # the snapshot at close; later growth stays in that month
+    claims = await fetch_value(
+        pool, "SELECT count(*) FROM monthly_resets WHERE organization_id = %s", [org.id]
+    )
+    assert claims == 2
+
+    # Growth arriving after the close still lands in last month, never in this one.
+    await push(http, [row(a, "task.created", old_day, 170, updated_at=old_day + timedelta(hours=4))])
+    assert await org_usage(pool, org.id, "task.created", last_month) == 170
+    assert await org_usage(pool, org.id, "task.created", this_month) == 13
+    ledger = await fetch_value(
+        pool, "SELECT sum(delta) FROM usage_ledger WHERE organization_id = %s", [org.id]
+    )
+    assert ledger == 170 + 13
+
+
+async def test_an_org_whose_reset_fails_is_skipped_and_reported_and_a_repush_applies_it(
+    http: httpx.AsyncClient, pool: AsyncConnectionPool, client: Client, settings: Settings
+) -> None:
+    failing, healthy = await make_org(pool), await make_org(pool)
+    now = utc_now()
+    this_month, last_month = month_start(now), month_start(last_month_day(now))
+    today = day_start(now)
+    for org in (failing, healthy):
+        await open_month(pool, org.id, last_month)
+    trigger_function = f"fail_reset_{failing.id.replace('-', '')[:12]}"
+    async with pool.connection() as conn:
+        # A real failure of the reset's transaction for one org only.
+        await conn.execute(
+            f"CREATE FUNCTION {trigger_function}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.organization_id = '{failing.id}' THEN RAISE EXCEPTION 'injected reset failure'; END IF; "
+            "RETURN NEW; END $$"
+        )
+        await conn.execute(
+            f"CREATE TRIGGER {trigger_function} BEFORE INSERT ON monthly_resets "
+            f"FOR EACH ROW EXECUTE FUNCTION {trigger_function}()"
+        )
+    http_app = http._transport.app  # type: ignore[attr-defined]
+    http_app.state.reset_wait_seconds = 2.0
+    rows = [
+        row(failing.project_ids[0], "task.created", today, 7, updated_at=today + timedelta(seconds=1)),
+        row(healthy.project_ids[0], "task.created", today, 11, updated_at=today + timedelta(seconds=1)),
+    ]
+    try:
+        answer = await push(http, rows)
+    finally:
+        async with pool.connection() as conn:
+            await conn.execute(f"DROP TRIGGER {trigger_function} ON monthly_resets")
+            await conn.execute(f"DROP FUNCTION {trigger_function}()")
+
+    assert [skip["org_id"] for skip in answer["skipped"]] == [failing.id]
+    assert answer["skipped"][0]["month"] == month_key(this_month)
+    assert "did not complete within 2 s" in answer["skipped"][0]["reason"]
+    assert answer["rejected"] == []
+    assert await org_usage(pool, healthy.id, "task.created", this_month) == 11
+    assert await org_usage(pool, failing.id, "task.created", this_month) == 0
+    checkpoints = await fetch_value(
+        pool, "SELECT count(*) FROM counter_checkpoints WHERE project_id = %s", [failing.project_ids[0]]
+    )
+    assert checkpoints == 0
+
+    # The reset's own retries succeed now that the failure is gone; the same push again applies the
+    # skipped org only (the healthy one is not counted twice).
+    reset = await client.get_workflow_handle(
+        f"monthly-reset/{failing.id}/{month_key(this_month)}", result_type=MonthlyResetResult
+    ).result()
+    assert reset.claimed
+    again = await push(http, rows)
+    assert "skipped" not in again
+    assert await org_usage(pool, failing.id, "task.created", this_month) == 7
+    assert await org_usage(pool, healthy.id, "task.created", this_month) == 11
+
+
+async def test_a_free_org_over_its_limit_is_flagged_until_the_next_months_reset(
+    http: httpx.AsyncClient, pool: AsyncConnectionPool, client: Client, settings: Settings
+) -> None:
+    org = await make_org(pool, projects=2)
+    a, b = org.project_ids
+    now = utc_now()
+    this_month, last_month = month_start(now), month_start(last_month_day(now))
+    old_day = last_month_day(now)
+    await open_month(pool, org.id, last_month)
+    answer = await push(http, [row(a, "space.learned", old_day, 101)])  # the free limit is 100
+    assert await flags(pool, org.id) == sorted(
+        [(a, "space.learned", "over_limit"), (b, "space.learned", "over_limit")]
+    )
+    assert {(q["project_id"], q["tag"]) for q in answer["quota"] if q["excess"]} == {(a, "space.learned")}
+
+    outcome = await start_monthly_reset(client, settings.task_queue, org.id, month_key(this_month))
+    await client.get_workflow_handle(outcome.workflow_id).result()
+    assert await flags(pool, org.id) == []
+    # Late growth of the closed month stays there and does not count against the new month.
+    late = await push(http, [row(a, "space.learned", old_day, 180, updated_at=old_day + timedelta(hours=5))])
+    assert await org_usage(pool, org.id, "space.learned", last_month) == 180
+    assert await flags(pool, org.id) == []
+    assert not any(q["excess"] for q in late["quota"])
+    outbox = await fetch_value(
+        pool, "SELECT count(*) FROM stripe_report_outbox WHERE organization_id = %s", [org.id]
+    )
+    assert outbox == 0  # free plans are never billed
+
+
+async def test_a_blocked_org_has_every_tag_of_every_project_flagged(
+    http: httpx.AsyncClient, pool: AsyncConnectionPool
+) -> None:
+    org = await make_org(pool, plan="pro", projects=3, payment_status="blocked")
+    today = day_start(utc_now())
+    answer = await push(http, [row(org.project_ids[0], "task.created", today, 1)])
+    expected = sorted((project, tag, "payment_blocked") for project in org.project_ids for tag in ALL_TAGS)
+    assert await flags(pool, org.id) == expected
+    assert answer["quota"] == [
+        {"project_id": org.project_ids[0], "tag": tag, "excess": True} for tag in ALL_TAGS
+    ]
+
+
+async def test_a_new_orgs_first_push_opens_this_month_without_a_reset(
+    http: httpx.AsyncClient, pool: AsyncConnectionPool, client: Client
+) -> None:
+    org = await make_org(pool)
+    now = utc_now()
+    await push(
+        http,
+        [
+            row(org.project_ids[0], "task.created", day_start(now), 3),
+            row(org.project_ids[0], "task.created", last_month_day(now), 8),
+        ],
+    )
+    claimed = await fetch_value(
+        pool, "SELECT array_agg(month) FROM monthly_resets WHERE organization_id = %s", [org.id]
+    )
+    assert claimed == [month_start(now)]
+    assert await org_usage(pool, org.id, "task.created", month_start(now)) == 3
+    assert await org_usage(pool, org.id, "task.created", month_start(last_month_day(now))) == 8
+    resets = [
+        wf async for wf in client.list_workflows(f"WorkflowId = 'monthly-reset/{org.id}/{month_key(now)}'")
+    ]
+    assert resets == []

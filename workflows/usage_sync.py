@@ -1,0 +1,136 @@
+"""``usage-sync/{batch}``: apply one staged batch of counter rows; and the hourly pull that feeds it.
+
+Thin and deterministic: the rows are in PostgreSQL under the batch id, the activities do the work.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+from billing.models_sync import (
+    PARTIAL_BATCH_ERROR,
+    AdvanceWatermarkInput,
+    AdvanceWatermarkResult,
+    ApplyBatchInput,
+    ApplyBatchResult,
+    EnsureResetsInput,
+    EnsureResetsResult,
+    PullStageInput,
+    PullStageResult,
+    PullSyncInput,
+    PullSyncResult,
+    UsageSyncInput,
+    UsageSyncResult,
+)
+from workflows.common import DB_RETRY, DB_TIMEOUT
+
+# The reset check waits for workflows; it heartbeats so a lost worker is noticed in this time.
+_RESET_HEARTBEAT = timedelta(seconds=30)
+# Reading the source and staging its rows may take a while on a first pull of a big table.
+_PULL_TIMEOUT = timedelta(minutes=30)
+
+
+async def sync_batch(batch_id: str, reset_wait_seconds: float) -> UsageSyncResult:
+    """Open the months the batch needs (monthly resets), then apply it in one transaction."""
+    workflow.set_current_details(f"Batch {batch_id}: checking monthly resets")
+    resets: EnsureResetsResult = await workflow.execute_activity(
+        "ensure_batch_resets",
+        EnsureResetsInput(batch_id=batch_id, wait_seconds=reset_wait_seconds),
+        result_type=EnsureResetsResult,
+        start_to_close_timeout=timedelta(seconds=reset_wait_seconds) + DB_TIMEOUT,
+        heartbeat_timeout=_RESET_HEARTBEAT,
+        retry_policy=DB_RETRY,
+    )
+    workflow.set_current_details(f"Batch {batch_id}: applying")
+    applied: ApplyBatchResult = await workflow.execute_activity(
+        "apply_usage_batch",
+        ApplyBatchInput(batch_id=batch_id),
+        result_type=ApplyBatchResult,
+        start_to_close_timeout=DB_TIMEOUT,
+        retry_policy=DB_RETRY,
+    )
+    return UsageSyncResult(batch_id=batch_id, resets_started=resets.resets_started, **dict(applied))
+
+
+def _summary(result: UsageSyncResult) -> str:
+    return (
+        f"{result.rows_applied} of {result.rows_received} rows changed usage, {result.rows_rejected} rejected,"
+        f" {result.overage_reports} overage reports queued, {result.orgs_skipped} orgs skipped"
+    )
+
+
+@workflow.defn
+class UsageSyncWorkflow:
+    """One batch, exactly once: its ID is ``usage-sync/{batch}`` and a completed run is never rerun.
+
+    When orgs had to be skipped (their monthly reset did not complete), the run fails on purpose with
+    the result as details: the batch is not done, and a retried push of it may run it again, which
+    then applies only the orgs still missing.
+    """
+
+    @workflow.run
+    async def run(self, request: UsageSyncInput) -> UsageSyncResult:
+        result = await sync_batch(request.batch_id, request.reset_wait_seconds)
+        workflow.set_current_details(_summary(result))
+        if result.orgs_skipped:
+            raise ApplicationError(
+                f"{result.orgs_skipped} orgs skipped: their monthly reset did not complete; "
+                "push the batch again (or wait for the next sync) to apply them",
+                result,
+                type=PARTIAL_BATCH_ERROR,
+                non_retryable=True,
+            )
+        return result
+
+
+@workflow.defn
+class PullUsageSyncWorkflow:
+    """Pull mode: stage the core service's rows changed since the watermark, apply, advance it.
+
+    The watermark moves only when every org applied, so a skipped org's rows are read again (with
+    their newest totals) by the next pull; rows re-read diff to nothing.
+    """
+
+    @workflow.run
+    async def run(self, request: PullSyncInput) -> PullSyncResult:
+        workflow.set_current_details("Reading the metrics table")
+        staged: PullStageResult = await workflow.execute_activity(
+            "stage_pull_batch",
+            PullStageInput(overlap_seconds=request.overlap_seconds),
+            result_type=PullStageResult,
+            start_to_close_timeout=_PULL_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        if not staged.enabled:
+            message = "pull mode is off: BILLING_METRICS_SOURCE_URL is not set"
+            workflow.set_current_details(message)
+            return PullSyncResult(enabled=False, message=message)
+        assert staged.batch_id is not None and staged.window_to is not None
+        sync = None
+        if staged.rows_read:
+            sync = await sync_batch(staged.batch_id, request.reset_wait_seconds)
+        watermark = None
+        if sync is None or not sync.orgs_skipped:
+            advanced: AdvanceWatermarkResult = await workflow.execute_activity(
+                "advance_pull_watermark",
+                AdvanceWatermarkInput(watermark=staged.window_to),
+                result_type=AdvanceWatermarkResult,
+                start_to_close_timeout=DB_TIMEOUT,
+                retry_policy=DB_RETRY,
+            )
+            watermark = advanced.watermark
+        message = f"read {staged.rows_read} rows" + (f"; {_summary(sync)}" if sync else "")
+        if watermark is None:
+            message += "; watermark kept so the skipped orgs' rows are read again"
+        workflow.set_current_details(message)
+        return PullSyncResult(
+            enabled=True,
+            message=message,
+            batch_id=staged.batch_id,
+            rows_read=staged.rows_read,
+            watermark=watermark,
+            sync=sync,
+        )
