@@ -196,7 +196,7 @@ class UsageActivities:
                 if await claim.fetchone() is not None:
                     async with (
                         source.cursor().copy(query("source_metrics_copy"), copy_params) as outgoing,
-                        conn.cursor().copy(query("stage_batch_rows")) as incoming,
+                        conn.cursor().copy(query("stage_pulled_rows")) as incoming,
                     ):
                         async for data in outgoing:
                             await incoming.write(data)

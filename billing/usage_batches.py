@@ -94,19 +94,9 @@ def parse_metrics(metrics: list[dict[str, Any]]) -> ParsedBatch:
     return batch
 
 
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_text(rows: list[StagedRow]) -> bytes:
-    """The rows in COPY's text format, built in one pass: much faster than a write_row per row.
-
-    Only the tag is free text (escaped); ids, timestamps (ISO 8601 with offset) and integers are safe.
-    """
-    return "".join(
-        f"{batch_id}\t{index}\t{project_id}\t{tag.translate(_COPY_ESCAPES)}\t"
-        f"{created_at.isoformat()}\t{updated_at.isoformat()}\t{total}\n"
-        for batch_id, index, project_id, tag, created_at, updated_at, total in rows
-    ).encode()
+# COPY in binary: psycopg dumps UUIDs, timestamps and integers in C, several times faster than
+# formatting the text format in Python.
+_COPY_TYPES = ["text", "int4", "uuid", "text", "timestamptz", "timestamptz", "int8"]
 
 
 async def stage_batch(pool: AsyncConnectionPool, batch: ParsedBatch, *, source: str = "push") -> bool:
@@ -119,7 +109,9 @@ async def stage_batch(pool: AsyncConnectionPool, batch: ParsedBatch, *, source: 
         if await claim.fetchone() is None:
             return False
         async with conn.cursor().copy(query("stage_batch_rows")) as copy:
-            await copy.write(_copy_text(batch.rows))
+            copy.set_types(_COPY_TYPES)
+            for row in batch.rows:
+                await copy.write_row(row)
         if batch.rejected:
             await conn.execute(
                 query("stage_batch_rejections"),

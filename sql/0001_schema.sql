@@ -75,32 +75,39 @@ CREATE INDEX org_usage_month_idx ON org_usage (month, organization_id);
 
 -- The last value applied for each counter row of the core service, keyed as the core service keys
 -- its rows: (project, tag, created_at). Each daily row is diffed against itself, so the first counts
--- of a new day's row are never lost.
+-- of a new day's row are never lost. `previous_total` and `previous_updated_at` hold the values the
+-- last update replaced, so one upsert can both move a checkpoint and say what it moved from.
+-- High-volume tables (a row per counter row): no foreign keys, whose per-row checks would double the
+-- cost of a batch; their tags and projects come from joins with meters and organization_projects.
 CREATE TABLE counter_checkpoints (
-    project_id      uuid NOT NULL,
-    tag             text NOT NULL REFERENCES meters (tag),
-    row_created_at  timestamptz NOT NULL,
-    applied_total   bigint NOT NULL CHECK (applied_total >= 0),
-    row_updated_at  timestamptz NOT NULL,
-    batch_id        text NOT NULL,
-    applied_at      timestamptz NOT NULL DEFAULT now(),
+    project_id           uuid NOT NULL,
+    tag                  text NOT NULL,
+    row_created_at       timestamptz NOT NULL,
+    applied_total        bigint NOT NULL CHECK (applied_total >= 0),
+    row_updated_at       timestamptz NOT NULL,
+    previous_total       bigint,
+    previous_updated_at  timestamptz,
+    batch_id             text NOT NULL,
+    applied_at           timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (project_id, tag, row_created_at)
 );
 
--- Every applied change, with the batch that applied it: the audit trail finance reconciles against.
+-- Every applied change, one entry per counter row that moved usage, with the batch that applied it:
+-- the audit trail finance reconciles against (sum of delta per org, tag and month = org_usage).
+-- Append-only; indexed for the questions finance asks (an org's month) and, by BRIN, by time.
 CREATE TABLE usage_ledger (
-    id               bigserial PRIMARY KEY,
     batch_id         text NOT NULL,
     organization_id  uuid NOT NULL,
     project_id       uuid NOT NULL,
-    tag              text NOT NULL REFERENCES meters (tag),
+    tag              text NOT NULL,
     month            date NOT NULL,
+    row_created_at   timestamptz NOT NULL,
     delta            bigint NOT NULL,
     value_after      bigint NOT NULL,
     applied_at       timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX usage_ledger_batch_idx ON usage_ledger (batch_id);
 CREATE INDEX usage_ledger_org_month_idx ON usage_ledger (organization_id, month);
+CREATE INDEX usage_ledger_applied_at_idx ON usage_ledger USING brin (applied_at);
 
 -- A row here means: writes for this project and tag are refused by the product's gateway.
 CREATE TABLE quota_flags (

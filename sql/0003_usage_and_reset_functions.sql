@@ -64,21 +64,28 @@ BEGIN
     -- One recomputation per org at a time, locked in id order so concurrent callers never deadlock.
     PERFORM 1 FROM organizations WHERE id = ANY (p_org_ids) ORDER BY id FOR NO KEY UPDATE;
 
-    WITH desired AS (
-        SELECT p.project_id, m.tag, p.organization_id,
-               CASE WHEN coalesce(b.payment_status, 'ok') = 'blocked'
-                    THEN 'payment_blocked' ELSE 'over_limit' END AS reason
-        FROM organization_projects p
-        LEFT JOIN organization_billing b ON b.organization_id = p.organization_id
+    -- Decide per org and meter first (a handful of rows per org, probed by primary key whatever the
+    -- planner's statistics say), then fan out to the org's projects.
+    WITH orgs AS (
+        SELECT o.id AS organization_id, coalesce(b.plan, 'free') AS plan,
+               coalesce(b.payment_status, 'ok') = 'blocked' AS blocked
+        FROM organizations o
+        LEFT JOIN organization_billing b ON b.organization_id = o.id
+        WHERE o.id = ANY (p_org_ids)
+    ), flagged AS (
+        SELECT g.organization_id, m.tag,
+               CASE WHEN g.blocked THEN 'payment_blocked' ELSE 'over_limit' END AS reason
+        FROM orgs g
         CROSS JOIN meters m
-        LEFT JOIN plan_limits l ON l.plan = coalesce(b.plan, 'free') AND l.tag = m.tag
-        LEFT JOIN org_usage u
-               ON u.organization_id = p.organization_id AND u.tag = m.tag AND u.month = p_month
-        WHERE p.organization_id = ANY (p_org_ids)
-          AND (coalesce(b.payment_status, 'ok') = 'blocked'
-               OR (coalesce(b.plan, 'free') = 'free'
-                   AND l.included IS NOT NULL
-                   AND coalesce(u.value, 0) > l.included))
+        WHERE g.blocked
+           OR (g.plan = 'free'
+               AND (SELECT u.value FROM org_usage u
+                    WHERE u.organization_id = g.organization_id AND u.tag = m.tag AND u.month = p_month)
+                   > (SELECT l.included FROM plan_limits l WHERE l.plan = g.plan AND l.tag = m.tag))
+    ), desired AS (
+        SELECT p.project_id, f.tag, f.organization_id, f.reason
+        FROM flagged f
+        JOIN organization_projects p ON p.organization_id = f.organization_id
     ), cleared AS (
         DELETE FROM quota_flags f
         WHERE f.organization_id = ANY (p_org_ids)

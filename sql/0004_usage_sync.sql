@@ -166,62 +166,67 @@ BEGIN
     WHERE i.reason IS NULL
     ORDER BY i.project_id, i.tag, i.created_at, i.updated_at DESC, i.total DESC, i.idx DESC;
 
-    -- 4. Lock every checkpoint of the batch in key order, in one statement: new rows are inserted with
-    -- their final values (nothing to diff against), existing rows are locked and left as they are.
-    INSERT INTO counter_checkpoints AS c
-        (project_id, tag, row_created_at, applied_total, row_updated_at, batch_id)
-    SELECT project_id, tag, created_at, total, updated_at, p_batch
-    FROM ub_rows
-    ORDER BY project_id, tag, created_at
-    ON CONFLICT (project_id, tag, row_created_at) DO UPDATE SET applied_total = c.applied_total WHERE false;
+    -- 4. Move every checkpoint of the batch, in key order, in one upsert that also says what it moved
+    -- from: a new row is inserted (nothing to diff against); an existing one is locked and, when the
+    -- row grew, updated with its old values kept in previous_*. ON CONFLICT waits for a concurrent
+    -- batch holding the same checkpoint and then sees its committed values, so the diff is always
+    -- against the newest total, never a stale one. A row that went backwards, or is unchanged, is
+    -- locked but not updated (the WHERE), and so not returned.
+    CREATE TEMP TABLE ub_moved ON COMMIT DROP AS
+    WITH moved AS (
+        INSERT INTO counter_checkpoints AS c
+            (project_id, tag, row_created_at, applied_total, row_updated_at, batch_id)
+        SELECT project_id, tag, created_at, total, updated_at, p_batch
+        FROM ub_rows
+        ORDER BY project_id, tag, created_at
+        ON CONFLICT (project_id, tag, row_created_at) DO UPDATE
+            SET previous_total = c.applied_total, previous_updated_at = c.row_updated_at,
+                applied_total = EXCLUDED.applied_total, row_updated_at = EXCLUDED.row_updated_at,
+                batch_id = EXCLUDED.batch_id, applied_at = now()
+            WHERE EXCLUDED.row_updated_at >= c.row_updated_at
+              AND (EXCLUDED.applied_total >= c.applied_total
+                   OR EXISTS (SELECT 1 FROM meters m WHERE m.tag = c.tag AND m.kind = 'gauge'))
+              AND (EXCLUDED.applied_total, EXCLUDED.row_updated_at) <> (c.applied_total, c.row_updated_at)
+        RETURNING c.project_id, c.tag, c.row_created_at, (c.previous_updated_at IS NULL) AS is_new,
+                  coalesce(c.previous_total, 0) AS old_total
+    )
+    SELECT * FROM moved;
 
-    -- 5. Diff against the checkpoints. A new statement sees every commit that preceded our locks, so
-    -- a concurrent batch's newer value of the same row is what we diff against, never a stale one.
-    -- A checkpoint carrying this batch's id was inserted just now: the orgs of any earlier run of
-    -- this batch are excluded above, and existing checkpoints get this id only further down.
-    CREATE TEMP TABLE ub_diff ON COMMIT DROP AS
-    SELECT r.*, x.is_new,
-           CASE WHEN x.is_new THEN 0 ELSE c.applied_total END AS old_total,
-           CASE
-               WHEN x.is_new THEN NULL
-               WHEN r.updated_at < c.row_updated_at
-                   THEN format('went backwards: updated_at %s is older than the %s already applied',
-                               r.updated_at, c.row_updated_at)
-               WHEN r.kind = 'counter' AND r.total < c.applied_total
-                   THEN format('went backwards: total %s is smaller than the %s already applied',
-                               r.total, c.applied_total)
-           END AS reason,
-           -- Seen before exactly as it is now: nothing to do.
-           NOT x.is_new AND r.total = c.applied_total AND r.updated_at = c.row_updated_at AS unchanged
+    -- The rows the upsert left alone: rejected when they went backwards, else seen before as they are.
+    -- Their checkpoints are locked by us now, so what we read is what stays.
+    INSERT INTO usage_batch_rejections (batch_id, idx, reason)
+    SELECT p_batch, r.idx,
+           CASE WHEN r.updated_at < c.row_updated_at
+                    THEN format('went backwards: updated_at %s is older than the %s already applied',
+                                r.updated_at, c.row_updated_at)
+                ELSE format('went backwards: total %s is smaller than the %s already applied',
+                            r.total, c.applied_total)
+           END
     FROM ub_rows r
     JOIN counter_checkpoints c
       ON c.project_id = r.project_id AND c.tag = r.tag AND c.row_created_at = r.created_at
-    CROSS JOIN LATERAL (SELECT c.batch_id = p_batch AS is_new) x;
-
-    INSERT INTO usage_batch_rejections (batch_id, idx, reason)
-    SELECT p_batch, idx, reason FROM ub_diff WHERE reason IS NOT NULL
+    WHERE NOT EXISTS (SELECT 1 FROM ub_moved v
+                      WHERE v.project_id = r.project_id AND v.tag = r.tag AND v.row_created_at = r.created_at)
+      AND (r.updated_at < c.row_updated_at OR (r.kind = 'counter' AND r.total < c.applied_total))
     ON CONFLICT DO NOTHING;
-
-    UPDATE counter_checkpoints c
-    SET applied_total = r.total, row_updated_at = r.updated_at, batch_id = p_batch, applied_at = now()
-    FROM ub_diff r
-    WHERE NOT r.is_new AND r.reason IS NULL AND NOT r.unchanged
-      AND c.project_id = r.project_id AND c.tag = r.tag AND c.row_created_at = r.created_at;
 
     -- Only the rows that change something go on.
     CREATE TEMP TABLE ub_applied ON COMMIT DROP AS
-    SELECT * FROM ub_diff WHERE reason IS NULL AND NOT unchanged;
+    SELECT r.*, v.is_new, v.old_total
+    FROM ub_rows r
+    JOIN ub_moved v ON v.project_id = r.project_id AND v.tag = r.tag AND v.row_created_at = r.created_at;
 
     -- 6. Per project, meter and month: counters add their growth; a gauge takes its newest level.
     CREATE TEMP TABLE ub_pu ON COMMIT DROP AS
     (SELECT project_id, tag, month, organization_id, false AS is_gauge,
-            sum(total - old_total)::bigint AS amount, 0::bigint AS old_value, false AS is_new
+            sum(total - old_total)::bigint AS amount, 0::bigint AS old_value, false AS is_new,
+            NULL::timestamptz AS created_at
      FROM ub_applied
      WHERE kind = 'counter' AND total > old_total
      GROUP BY project_id, tag, month, organization_id)
     UNION ALL
     (SELECT DISTINCT ON (project_id, tag) project_id, tag, month, organization_id, true,
-            total, 0::bigint, false
+            total, 0::bigint, false, created_at
      FROM ub_applied
      WHERE kind = 'gauge'
      ORDER BY project_id, tag, updated_at DESC, created_at DESC);
@@ -250,17 +255,22 @@ BEGIN
       AND (NOT t.is_gauge OR u.value <> t.amount);
 
     -- 7. The ledger: one entry per row that changed usage, with the project's value after it.
-    INSERT INTO usage_ledger (batch_id, organization_id, project_id, tag, month, delta, value_after)
-    SELECT p_batch, r.organization_id, r.project_id, r.tag, r.month, r.total - r.old_total,
-           t.old_value + sum(r.total - r.old_total)
-               OVER (PARTITION BY r.project_id, r.tag, r.month ORDER BY r.created_at, r.idx)
-    FROM ub_applied r
-    JOIN ub_pu t ON NOT t.is_gauge AND t.project_id = r.project_id AND t.tag = r.tag AND t.month = r.month
-    WHERE r.kind = 'counter' AND r.total > r.old_total
-    UNION ALL
-    SELECT p_batch, organization_id, project_id, tag, month, amount - old_value, amount
-    FROM ub_pu
-    WHERE is_gauge AND amount <> old_value;
+    INSERT INTO usage_ledger
+        (batch_id, organization_id, project_id, tag, month, row_created_at, delta, value_after)
+    SELECT * FROM (
+        SELECT p_batch, r.organization_id, r.project_id, r.tag, r.month, r.created_at, r.total - r.old_total,
+               t.old_value + sum(r.total - r.old_total)
+                   OVER (PARTITION BY r.project_id, r.tag, r.month ORDER BY r.created_at, r.idx)
+        FROM ub_applied r
+        JOIN ub_pu t ON NOT t.is_gauge AND t.project_id = r.project_id AND t.tag = r.tag AND t.month = r.month
+        WHERE r.kind = 'counter' AND r.total > r.old_total
+        UNION ALL
+        SELECT p_batch, organization_id, project_id, tag, month, created_at, amount - old_value, amount
+        FROM ub_pu
+        WHERE is_gauge AND amount <> old_value
+    ) entries
+    -- In the order of the org-and-month index: appending to it is far cheaper than scattering.
+    ORDER BY 2, 5;
 
     -- 8. Org usage moves by the sum of its projects' changes; the upsert returns the value after.
     CREATE TEMP TABLE ub_ou (organization_id uuid, tag text, month date, delta bigint, value_after bigint)
