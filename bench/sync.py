@@ -122,8 +122,8 @@ async def per_row_baseline(
 ) -> float:
     """The original algorithm, row by row: 4 statements per row. Seconds taken.
 
-    ``autocommit``: each statement commits on its own, as a client issuing one call per statement does
-    each); otherwise the 4 statements of a row share one transaction, the kinder variant.
+    ``autocommit``: each statement commits on its own, as a client issuing one call per statement
+    does; otherwise the 4 statements of a row share one transaction, the kinder variant.
     """
     async with await psycopg.AsyncConnection.connect(url, autocommit=autocommit) as conn:
         started = time.perf_counter()
