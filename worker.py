@@ -14,14 +14,17 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.payments import PaymentActivities
 from activities.resets import ResetActivities
 from billing.config import Settings
 from workflows.monthly_close import MonthlyCloseWorkflow
 from workflows.monthly_reset import MonthlyResetWorkflow
+from workflows.org_billing import OrgBillingWorkflow
 
 WORKFLOWS: Sequence[type] = (
     MonthlyResetWorkflow,
     MonthlyCloseWorkflow,
+    OrgBillingWorkflow,
 )
 
 
@@ -30,9 +33,16 @@ def activities(
 ) -> list[Callable[..., Any]]:
     """Every activity, bound to its dependencies."""
     resets = ResetActivities(pool, client, task_queue)
+    payments = PaymentActivities(settings, pool)
     return [
         resets.close_org_month,
         resets.start_monthly_resets,
+        payments.load_org_billing,
+        payments.sync_org_billing,
+        payments.mark_webhook_events,
+        payments.change_stripe_subscription,
+        payments.resolve_plan,
+        payments.resolve_invoice_kind,
     ]
 
 
