@@ -8,7 +8,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 from temporalio.client import Client
 
-from api import admin, health
+from api import admin, health, webhooks
 from api.errors import EXCEPTION_HANDLERS
 from api.telemetry import TelemetryMiddleware
 from billing.config import Settings
@@ -23,6 +23,7 @@ def create_app(settings: Settings, pool: AsyncConnectionPool, client: Client) ->
         Route("/v1/orgs/{org_id}", admin.get_org, methods=["GET"]),
         Route("/v1/orgs/{org_id}/projects/{project_id}", admin.put_project, methods=["PUT"]),
         Route("/v1/plans/{plan}", admin.put_plan, methods=["PUT"]),
+        Route("/v1/stripe/webhook", webhooks.stripe_webhook, methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
