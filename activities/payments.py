@@ -162,14 +162,18 @@ class PaymentActivities:
         except stripe.StripeError as exc:
             if not is_refusal(exc):
                 raise
-            log.warning("Stripe refused %s of %s: %s", request.action, request.subscription_id, _describe(exc))
+            log.warning(
+                "Stripe refused %s of %s: %s", request.action, request.subscription_id, _describe(exc)
+            )
             return StripeCallResult(done=False, message=_describe(exc))
 
     @activity.defn(name="resolve_plan")
     async def resolve_plan(self, request: ResolvePlanInput) -> ResolvePlanResult:
         """The plan a Stripe product stands for: its metadata `plan`, else `team`/`pro` in its name."""
         if self.stripe is None:
-            return ResolvePlanResult(plan=None, warnings=[f"{NO_STRIPE_KEY}: product {request.product_id} not read"])
+            return ResolvePlanResult(
+                plan=None, warnings=[f"{NO_STRIPE_KEY}: product {request.product_id} not read"]
+            )
         try:
             product = await self.stripe.v1.products.retrieve_async(request.product_id)
         except stripe.StripeError as exc:
@@ -188,7 +192,9 @@ class PaymentActivities:
         says so: the failure is then treated as a plan failure, the contract's default for an invoice.
         """
         if self.stripe is None:
-            return ResolveInvoiceKindResult(kind="plan", note=f"{NO_STRIPE_KEY}: prices not read, taken as plan")
+            return ResolveInvoiceKindResult(
+                kind="plan", note=f"{NO_STRIPE_KEY}: prices not read, taken as plan"
+            )
         unreadable: list[str] = []
         for price_id in request.price_ids:
             try:

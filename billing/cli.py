@@ -158,10 +158,14 @@ async def _payment_state(client: Any, org_id: str) -> Any:
 def _print_payment_state(view: Any) -> None:
     """The org-billing workflow's view (its `state` query), as `billing status`, `block`, `unblock` show it."""
     if view is None:
-        print("  payment state machine: org-billing workflow not started (no Stripe event or operator action yet)")
+        print(
+            "  payment state machine: org-billing workflow not started (no Stripe event or operator action yet)"
+        )
         return
     pending = f", pending {view.pending_plan}" if view.pending_plan else ""
-    print(f"  payment state machine (org-billing/{view.org_id}): {view.payment_status}, plan {view.plan}{pending}")
+    print(
+        f"  payment state machine (org-billing/{view.org_id}): {view.payment_status}, plan {view.plan}{pending}"
+    )
     for reason in view.status_reasons:
         print(f"    why: {reason}")
     for failed in view.failed_invoices:
@@ -284,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
 
     for name, handler, text in (
-        ("block", cmd_block, "block an org's writes until `billing unblock` (recorded in org-billing/ORG_ID)"),
+        (
+            "block",
+            cmd_block,
+            "block an org's writes until `billing unblock` (recorded in org-billing/ORG_ID)",
+        ),
         ("unblock", cmd_unblock, "lift an operator block and the org's open metered failures"),
     ):
         command = add(name, handler, text)

@@ -183,9 +183,7 @@ class OrgBillingWorkflow:
         )
 
     def _should_continue_as_new(self) -> bool:
-        return (
-            self._run_events >= self._max_events_per_run or workflow.info().is_continue_as_new_suggested()
-        )
+        return self._run_events >= self._max_events_per_run or workflow.info().is_continue_as_new_suggested()
 
     async def _seed_from_database(self) -> None:
         """Start from what `organization_billing` says, so the first sync does not reset the plan.
@@ -301,7 +299,9 @@ class OrgBillingWorkflow:
             except ActivityError as exc:
                 kind_result = ResolveInvoiceKindResult(kind="plan", note=f"gave up: {_cause(exc)}")
             if kind_result.note:
-                workflow.logger.warning("org %s: invoice %s: %s", self._org_id, effect.invoice_id, kind_result.note)
+                workflow.logger.warning(
+                    "org %s: invoice %s: %s", self._org_id, effect.invoice_id, kind_result.note
+                )
             return apply_resolved_invoice_kind(self._state, event, kind_result.kind)
         return None  # SyncBilling and RecomputeQuota were done together before the Stripe effects.
 
