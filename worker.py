@@ -14,11 +14,13 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.payments import PaymentActivities
 from activities.resets import ResetActivities
 from activities.usage import UsageActivities
 from billing.config import Settings
 from workflows.monthly_close import MonthlyCloseWorkflow
 from workflows.monthly_reset import MonthlyResetWorkflow
+from workflows.org_billing import OrgBillingWorkflow
 from workflows.usage_sync import PullUsageSyncWorkflow, UsageSyncWorkflow
 
 WORKFLOWS: Sequence[type] = (
@@ -26,6 +28,7 @@ WORKFLOWS: Sequence[type] = (
     MonthlyCloseWorkflow,
     UsageSyncWorkflow,
     PullUsageSyncWorkflow,
+    OrgBillingWorkflow,
 )
 
 
@@ -35,6 +38,7 @@ def activities(
     """Every activity, bound to its dependencies."""
     resets = ResetActivities(pool, client, task_queue)
     usage = UsageActivities(settings, pool, client, task_queue)
+    payments = PaymentActivities(settings, pool)
     return [
         resets.close_org_month,
         resets.start_monthly_resets,
@@ -42,6 +46,12 @@ def activities(
         usage.apply_usage_batch,
         usage.stage_pull_batch,
         usage.advance_pull_watermark,
+        payments.load_org_billing,
+        payments.sync_org_billing,
+        payments.mark_webhook_events,
+        payments.change_stripe_subscription,
+        payments.resolve_plan,
+        payments.resolve_invoice_kind,
     ]
 
 

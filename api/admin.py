@@ -13,6 +13,7 @@ from api.auth import require_bearer
 from api.errors import ApiError
 from api.validation import json_body, path_uuid
 from billing.months import current_month, parse_month
+from billing.org_billing import query_org_billing_state
 from billing.sql import query
 from billing.status import list_org_workflows, load_org_status
 
@@ -126,4 +127,5 @@ async def _org_response(request: Request, org_id: str, *, with_workflows: bool =
         raise ApiError(404, f"organization {org_id} does not exist")
     if with_workflows:
         status.workflows = await list_org_workflows(request.app.state.client, org_id)
+        status.payment_state = await query_org_billing_state(request.app.state.client, org_id)
     return JSONResponse(status.model_dump(mode="json"))

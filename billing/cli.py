@@ -41,6 +41,17 @@ def _month(value: str) -> str:
     return value
 
 
+def _reason(value: str) -> str:
+    from billing.models_billing import MAX_REASON_LENGTH
+
+    text = value.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("--reason must not be empty")
+    if len(text) > MAX_REASON_LENGTH:
+        raise argparse.ArgumentTypeError(f"--reason is longer than {MAX_REASON_LENGTH} characters")
+    return text
+
+
 def _print(data: Any, as_json: bool, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if as_json else text)
 
@@ -117,6 +128,7 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         if status is None:
             raise UserError(f"organization {args.org_id} does not exist")
         status.workflows = await list_org_workflows(services.client, args.org_id)
+        status.payment_state = await _payment_state(services.client, args.org_id)
     if args.json:
         print(status.model_dump_json(indent=2))
         return 0
@@ -140,7 +152,80 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print("  workflows:")
     for wf in status.workflows:
         print(f"    {wf.status:<11} {wf.workflow_id}")
+    _print_payment_state(status.payment_state)
     return 0
+
+
+async def _payment_state(client: Any, org_id: str) -> Any:
+    from billing.org_billing import query_org_billing_state
+
+    return await query_org_billing_state(client, org_id)
+
+
+def _print_payment_state(view: Any) -> None:
+    """The org-billing workflow's view (its `state` query), as `billing status`, `block`, `unblock` show it."""
+    if view is None:
+        print(
+            "  payment state machine: org-billing workflow not started (no Stripe event or operator action yet)"
+        )
+        return
+    pending = f", pending {view.pending_plan}" if view.pending_plan else ""
+    print(
+        f"  payment state machine (org-billing/{view.org_id}): {view.payment_status}, plan {view.plan}{pending}"
+    )
+    for reason in view.status_reasons:
+        print(f"    why: {reason}")
+    for failed in view.failed_invoices:
+        print(f"    open {failed.kind} failure: {failed.invoice_id}: {failed.reason}")
+    if view.last_stripe_refusal is not None:
+        refusal = view.last_stripe_refusal
+        print(f"    last Stripe refusal: {refusal.action} of {refusal.subscription_id}: {refusal.message}")
+    print(f"    events applied: {view.events_applied}, queued: {view.queued}")
+    for recent in view.recent_events[-5:]:
+        print(f"    recent: {recent.type} {recent.id}: {recent.outcome}")
+
+
+async def _operator(args: argparse.Namespace, settings: Settings, signal: str) -> int:
+    """Signal-with-start the org workflow with an operator action; wait until it is applied; print state."""
+    from billing.models_billing import OperatorRequest
+    from billing.org_billing import query_org_billing_state, signal_org_billing
+    from billing.services import open_services
+    from billing.sql import query
+
+    request = OperatorRequest(reason=args.reason, request_id=uuid.uuid4().hex)
+    async with open_services(settings, pool_size=1) as services:
+        async with services.pool.connection() as conn:
+            row = await (await conn.execute(query("org_exists"), {"org_id": args.org_id})).fetchone()
+        if not row or not row["found"]:
+            raise UserError(f"organization {args.org_id} does not exist")
+        await signal_org_billing(services.client, settings.task_queue, args.org_id, signal, request)
+        view = None
+        for _ in range(150):  # up to ~30 s for a worker to apply it
+            view = await query_org_billing_state(services.client, args.org_id)
+            if view is not None and request.request_id in view.operator_request_ids:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise UserError(
+                f"{signal} was recorded in org-billing/{args.org_id} but not applied within 30 s; "
+                f"is a worker running on task queue {settings.task_queue!r}?"
+            )
+    if args.json:
+        print(view.model_dump_json(indent=2))
+    else:
+        print(f"{signal.replace('_', ' ')} applied to org {args.org_id}")
+        _print_payment_state(view)
+    return 0
+
+
+async def cmd_block(args: argparse.Namespace, settings: Settings) -> int:
+    """Block an org (every project flagged) until an operator unblocks it."""
+    return await _operator(args, settings, "operator_block")
+
+
+async def cmd_unblock(args: argparse.Namespace, settings: Settings) -> int:
+    """Lift an operator block and every open metered failure of an org."""
+    return await _operator(args, settings, "operator_unblock")
 
 
 async def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
@@ -237,6 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = add("sync", cmd_sync, "run a usage sync now (pull mode) and print what it applied")
     sync.add_argument("--json", action="store_true", help="print JSON")
+
+    for name, handler, text in (
+        (
+            "block",
+            cmd_block,
+            "block an org's writes until `billing unblock` (recorded in org-billing/ORG_ID)",
+        ),
+        ("unblock", cmd_unblock, "lift an operator block and the org's open metered failures"),
+    ):
+        command = add(name, handler, text)
+        command.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+        command.add_argument("--reason", type=_reason, required=True, help="why (kept in the org's state)")
+        command.add_argument("--json", action="store_true", help="print the resulting state as JSON")
 
     reset = add("reset", cmd_reset, "reset an org's month once (says 'already done' the second time)")
     reset.add_argument("org_id", type=_org_id, metavar="ORG_ID")

@@ -8,6 +8,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from temporalio.client import Client
 
+from billing.models_billing import OrgBillingView
 from billing.months import parse_month
 from billing.sql import query
 
@@ -61,6 +62,8 @@ class OrgStatus(BaseModel):
     stripe_reporting: str
     recent_resets: list[str]
     workflows: list[WorkflowSummary] = []
+    # The org-billing workflow's `state` query, when that workflow exists and answers.
+    payment_state: OrgBillingView | None = None
 
 
 async def load_org_status(

@@ -285,7 +285,9 @@ class FakeStripe:
             ("POST", re.compile(r"/v1/subscriptions/(?P<id>[^/]+)"), self._update_subscription),
             ("GET", re.compile(r"/v1/products/(?P<id>[^/]+)"), self._get_product),
             ("GET", re.compile(r"/v1/customers/(?P<id>[^/]+)"), self._get_customer),
+            ("GET", re.compile(r"/v1/prices/(?P<id>[^/]+)"), self._get_price),
         ]
+        self._prices: dict[str, dict[str, Any]] = {}
         for name in meters:
             self.add_meter(name)
 
@@ -517,6 +519,30 @@ class FakeStripe:
             if status in _CANCELED_STATUSES:
                 sub["canceled_at"] = sub["canceled_at"] or int(time.time())
                 sub["ended_at"] = int(time.time())
+
+    def add_price(
+        self, id: str, product: str, *, metered: bool = False, meter: str | None = None
+    ) -> dict[str, Any]:
+        """Seed a recurring price (``GET /v1/prices/{id}``); ``meter`` implies ``usage_type=metered``."""
+        price = {
+            "id": id,
+            "object": "price",
+            "active": True,
+            "currency": "usd",
+            "livemode": False,
+            "metadata": {},
+            "product": product,
+            "recurring": {
+                "interval": "month",
+                "interval_count": 1,
+                "meter": meter,
+                "usage_type": "metered" if (metered or meter) else "licensed",
+            },
+            "type": "recurring",
+        }
+        with self._lock:
+            self._prices[id] = price
+            return copy.deepcopy(price)
 
     # ------------------------------------------------------------------ fault injection
 
@@ -949,6 +975,12 @@ class FakeStripe:
         if product is None:
             raise _no_such("product", m["id"])
         return _Response(200, copy.deepcopy(product))
+
+    def _get_price(self, m: re.Match[str], _q: dict[str, Any]) -> _Response:
+        price = self._prices.get(m["id"])
+        if price is None:
+            raise _no_such("price", m["id"])
+        return _Response(200, copy.deepcopy(price))
 
     def _get_customer(self, m: re.Match[str], _q: dict[str, Any]) -> _Response:
         customer = self._customers.get(m["id"])

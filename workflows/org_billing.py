@@ -1,0 +1,377 @@
+"""``org-billing/{org_id}``: one long-lived workflow per organization runs the payment state machine.
+
+Signals (Stripe events from the webhook receiver, operator block/unblock from the CLI) go into a queue
+and are processed one at a time, so concurrent deliveries for one org are serialised. Each is applied
+with the pure reducer (workflows/payment_state.py) and its effects are carried out by activities
+(activities/payments.py): the billing row and quota flags in one transaction, Stripe calls with an
+Idempotency-Key derived from the event. A Stripe refusal (4xx), or a call that kept failing for an hour,
+is recorded in the state and the workflow carries on; it never fails or wedges the org.
+
+The workflow continues as new after ``max_events_per_run`` signals or when Temporal suggests it, carrying
+the state and every queued signal into the next run, so nothing is lost and the history stays small.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    import pydantic  # noqa: F401  (pass pydantic through, as the other workflows do)
+
+    from billing.temporal import ORG_ID, PAYMENT_STATUS
+
+from billing.models_billing import (
+    FailedInvoice,
+    MarkWebhookEventsInput,
+    MarkWebhookEventsResult,
+    OperatorRequest,
+    OrgBillingInput,
+    OrgBillingRow,
+    OrgBillingView,
+    OrgRef,
+    QueuedSignal,
+    ResolveInvoiceKindInput,
+    ResolveInvoiceKindResult,
+    ResolvePlanInput,
+    ResolvePlanResult,
+    StripeCallResult,
+    SubscriptionChange,
+    SyncOrgBillingInput,
+    SyncOrgBillingResult,
+)
+from billing.months import month_key
+from billing.stripe_events import BillingEvent
+from workflows.common import DB_RETRY, DB_TIMEOUT
+from workflows.payment_state import (
+    Effect,
+    OperatorBlock,
+    PaymentState,
+    RecomputeQuota,
+    ResolveInvoiceKind,
+    ResolvePlan,
+    RevokeDowngrade,
+    ScheduleDowngrade,
+    SyncBilling,
+    Transition,
+    apply_event,
+    apply_operator,
+    apply_resolved_invoice_kind,
+    apply_resolved_plan,
+    record_stripe_refusal,
+)
+
+# Stripe calls: 429/5xx/timeouts are retried with backoff for up to an hour; after that the call is
+# recorded like a refusal, so a long Stripe outage delays this org's later events by at most an hour.
+STRIPE_TIMEOUT = timedelta(seconds=60)
+STRIPE_GIVE_UP = timedelta(hours=1)
+STRIPE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(minutes=5)
+)
+MAX_REASON_CHARS = 1000
+MAX_OPERATOR_REQUEST_IDS = 20
+
+
+def reason_text(state: PaymentState) -> str | None:
+    """`payment_status_reason`: the state's reasons on one line (None when there are none)."""
+    text = "; ".join(state.status_reasons)
+    return text[:MAX_REASON_CHARS] or None
+
+
+@workflow.defn
+class OrgBillingWorkflow:
+    """The payment state machine of one organization (see the module docstring)."""
+
+    @workflow.init
+    def __init__(self, request: OrgBillingInput) -> None:
+        self._org_id = request.org_id
+        self._state = request.state or PaymentState()
+        self._queue: list[QueuedSignal] = list(request.queue)
+        self._unmarked: dict[str, str] = dict(request.unmarked)
+        self._events_applied = request.events_applied
+        self._run_events = 0
+        self._operator_request_ids = list(request.operator_request_ids)
+        self._last_outcome = ""
+        self._max_events_per_run = request.max_events_per_run
+        # payment_status_reason as last written (assumed current when continuing as new).
+        self._written_reason = reason_text(self._state)
+
+    # ---------------------------------------------------------------- signals and query
+
+    @workflow.signal(name="stripe_event")
+    def stripe_event(self, event: BillingEvent) -> None:
+        """A verified Stripe event for this org, from the webhook receiver."""
+        self._queue.append(QueuedSignal(kind="stripe_event", event=event))
+
+    @workflow.signal(name="operator_block")
+    def operator_block(self, request: OperatorRequest) -> None:
+        """`billing block`: block the org until an operator unblocks it."""
+        self._queue.append(QueuedSignal(kind="operator_block", operator=request))
+
+    @workflow.signal(name="operator_unblock")
+    def operator_unblock(self, request: OperatorRequest) -> None:
+        """`billing unblock`: lift the operator block and every open metered failure."""
+        self._queue.append(QueuedSignal(kind="operator_unblock", operator=request))
+
+    @workflow.query(name="state")
+    def state(self) -> OrgBillingView:
+        """The state machine's view of the org, for `billing status` and GET /v1/orgs/{id}."""
+        s = self._state
+        failed = [
+            FailedInvoice(invoice_id=invoice_id, kind=kind, **failure.model_dump())
+            for kind, failures in (("metered", s.failed_metered), ("plan", s.failed_plan))
+            for invoice_id, failure in sorted(failures.items(), key=lambda kv: (kv[1].created, kv[0]))
+        ]
+        return OrgBillingView(
+            org_id=self._org_id,
+            plan=s.plan,
+            payment_status=s.payment_status,
+            status_reasons=s.status_reasons,
+            failed_invoices=failed,
+            pending_plan=s.pending_plan,
+            period_end=s.period_end,
+            subscription_id=s.subscription_id,
+            operator_block=s.operator_block,
+            operator_actions=s.operator_actions,
+            recent_events=s.recent_events,
+            last_stripe_refusal=s.downgrade_errors[-1] if s.downgrade_errors else None,
+            stripe_refusals=s.downgrade_errors,
+            events_applied=self._events_applied,
+            queued=len(self._queue),
+            run_events=self._run_events,
+            operator_request_ids=self._operator_request_ids,
+        )
+
+    # ---------------------------------------------------------------- main loop
+
+    @workflow.run
+    async def run(self, request: OrgBillingInput) -> None:
+        """Process signals until the run is long enough, then continue as new with the state."""
+        if request.state is None:
+            await self._seed_from_database()
+        self._upsert_payment_status()
+        self._show_details()
+        while True:
+            await workflow.wait_condition(lambda: bool(self._queue) or self._should_continue_as_new())
+            if self._should_continue_as_new():
+                break
+            item = self._queue.pop(0)
+            await self._process(item)
+            self._events_applied += 1
+            self._run_events += 1
+            if not self._queue:
+                await self._flush_marks()
+            self._upsert_payment_status()
+            self._show_details()
+
+        # Signal handlers only append to the queue; wait for any in flight, then carry the queue over.
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._flush_marks()
+        workflow.continue_as_new(
+            OrgBillingInput(
+                org_id=self._org_id,
+                state=self._state,
+                queue=self._queue,
+                unmarked=self._unmarked,
+                events_applied=self._events_applied,
+                max_events_per_run=self._max_events_per_run,
+                operator_request_ids=self._operator_request_ids,
+            )
+        )
+
+    def _should_continue_as_new(self) -> bool:
+        return self._run_events >= self._max_events_per_run or workflow.info().is_continue_as_new_suggested()
+
+    async def _seed_from_database(self) -> None:
+        """Start from what `organization_billing` says, so the first sync does not reset the plan.
+
+        A `blocked` status set outside this workflow (the dashboard, the system this replaces) is kept
+        as an operator block, lifted by `billing unblock`; a `past_due` one cannot be tied to an invoice
+        and is left to the next plan invoice's events.
+        """
+        row: OrgBillingRow = await workflow.execute_activity(
+            "load_org_billing",
+            OrgRef(org_id=self._org_id),
+            result_type=OrgBillingRow,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        self._written_reason = row.payment_status_reason
+        if not row.found:
+            workflow.logger.warning("org %s has no billing row; starting from plan free", self._org_id)
+            return
+        self._state = PaymentState(
+            plan=row.plan,
+            pending_plan=row.pending_plan,
+            period_end=row.period_end,
+            subscription_id=row.subscription_id,
+            operator_block=OperatorBlock(
+                reason=f"blocked before org-billing started ({row.payment_status_reason or 'no reason given'})",
+                at=int(workflow.now().timestamp()),
+            )
+            if row.payment_status == "blocked"
+            else None,
+        )
+
+    async def _process(self, item: QueuedSignal) -> None:
+        """Apply one queued signal and carry out every effect it causes."""
+        if item.kind == "stripe_event" and item.event is not None:
+            event = item.event
+            transition = apply_event(self._state, event)
+            await self._run_transition(transition, event)
+            # The first processing of an event says what happened to it; later copies are duplicates.
+            self._unmarked.setdefault(event.id, transition.outcome)
+            self._last_outcome = f"{event.type} {event.object_id}: {transition.outcome}"
+        elif item.operator is not None:
+            action = "block" if item.kind == "operator_block" else "unblock"
+            now = int(workflow.now().timestamp())
+            transition = apply_operator(self._state, action, item.operator.reason, at=now)
+            await self._run_transition(transition, None)
+            if item.operator.request_id:
+                self._operator_request_ids = [*self._operator_request_ids, item.operator.request_id][
+                    -MAX_OPERATOR_REQUEST_IDS:
+                ]
+            self._last_outcome = f"operator {action}: {item.operator.reason}"
+        if reason_text(self._state) != self._written_reason:
+            # The reasons changed without a column the reducer syncs (a second failed invoice while
+            # already blocked, a Stripe refusal): keep payment_status_reason current too.
+            await self._sync(recompute=False)
+
+    async def _run_transition(self, transition: Transition, event: BillingEvent | None) -> None:
+        """Adopt a transition's state, then carry out its effects (which may lead to more transitions)."""
+        pending: list[tuple[Transition, BillingEvent | None]] = [(transition, event)]
+        while pending:
+            current, source = pending.pop(0)
+            self._state = current.state
+            for warning in current.warnings:
+                workflow.logger.warning("org %s: %s", self._org_id, warning)
+            effects = list(current.effects)
+            sync = [e for e in effects if isinstance(e, SyncBilling | RecomputeQuota)]
+            if sync:
+                await self._sync(recompute=any(isinstance(e, RecomputeQuota) for e in sync))
+            for effect in effects:
+                follow_up = await self._carry_out(effect, source)
+                if follow_up is not None:
+                    pending.append((follow_up, source))
+
+    async def _carry_out(self, effect: Effect, event: BillingEvent | None) -> Transition | None:
+        """Run one Stripe-side effect; returns the transition its result leads to, if any."""
+        if isinstance(effect, ScheduleDowngrade | RevokeDowngrade):
+            change = SubscriptionChange(
+                action="schedule_downgrade" if isinstance(effect, ScheduleDowngrade) else "revoke_downgrade",
+                subscription_id=effect.subscription_id,
+                idempotency_key=effect.idempotency_key,
+                **(
+                    {"downgrade_to": effect.downgrade_to, "downgrade_reason": effect.downgrade_reason}
+                    if isinstance(effect, ScheduleDowngrade)
+                    else {}
+                ),
+            )
+            try:
+                result: StripeCallResult = await self._stripe_activity(
+                    "change_stripe_subscription", change, StripeCallResult
+                )
+            except ActivityError as exc:
+                result = StripeCallResult(done=False, message=f"gave up after retrying: {_cause(exc)}")
+            if result.done:
+                return None
+            return record_stripe_refusal(self._state, effect, result.message, int(workflow.now().timestamp()))
+        if isinstance(effect, ResolvePlan) and event is not None:
+            try:
+                plan_result: ResolvePlanResult = await self._stripe_activity(
+                    "resolve_plan", ResolvePlanInput(product_id=effect.product_id), ResolvePlanResult
+                )
+            except ActivityError as exc:
+                plan_result = ResolvePlanResult(plan=None, warnings=[f"gave up: {_cause(exc)}"])
+            for warning in plan_result.warnings:
+                workflow.logger.warning("org %s: %s", self._org_id, warning)
+            return apply_resolved_plan(self._state, event, plan_result.plan)
+        if isinstance(effect, ResolveInvoiceKind) and event is not None:
+            try:
+                kind_result: ResolveInvoiceKindResult = await self._stripe_activity(
+                    "resolve_invoice_kind",
+                    ResolveInvoiceKindInput(price_ids=effect.price_ids),
+                    ResolveInvoiceKindResult,
+                )
+            except ActivityError as exc:
+                kind_result = ResolveInvoiceKindResult(kind="plan", note=f"gave up: {_cause(exc)}")
+            if kind_result.note:
+                workflow.logger.warning(
+                    "org %s: invoice %s: %s", self._org_id, effect.invoice_id, kind_result.note
+                )
+            return apply_resolved_invoice_kind(self._state, event, kind_result.kind)
+        return None  # SyncBilling and RecomputeQuota were done together before the Stripe effects.
+
+    async def _stripe_activity(self, name: str, arg: object, result_type: type) -> object:
+        return await workflow.execute_activity(
+            name,
+            arg,
+            result_type=result_type,
+            start_to_close_timeout=STRIPE_TIMEOUT,
+            schedule_to_close_timeout=STRIPE_GIVE_UP,
+            retry_policy=STRIPE_RETRY,
+        )
+
+    async def _sync(self, *, recompute: bool) -> None:
+        """Write the whole billing view and (if asked) recompute quota flags for this UTC month."""
+        s = self._state
+        await workflow.execute_activity(
+            "sync_org_billing",
+            SyncOrgBillingInput(
+                org_id=self._org_id,
+                plan=s.plan,
+                pending_plan=s.pending_plan,
+                period_end=s.period_end,
+                subscription_id=s.subscription_id,
+                payment_status=s.payment_status,
+                payment_status_reason=reason_text(s),
+                recompute_quota=recompute,
+                month=month_key(workflow.now()),
+            ),
+            result_type=SyncOrgBillingResult,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        self._written_reason = reason_text(s)
+
+    async def _flush_marks(self) -> None:
+        """Mark the processed webhook events in PostgreSQL, in one transaction for the batch."""
+        if not self._unmarked:
+            return
+        outcomes, self._unmarked = self._unmarked, {}
+        await workflow.execute_activity(
+            "mark_webhook_events",
+            MarkWebhookEventsInput(org_id=self._org_id, outcomes=outcomes),
+            result_type=MarkWebhookEventsResult,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+
+    # ---------------------------------------------------------------- visibility
+
+    def _upsert_payment_status(self) -> None:
+        """Keep the BillingOrgId and PaymentStatus search attributes current (only when they change)."""
+        current = workflow.info().typed_search_attributes
+        updates = []
+        if current.get(ORG_ID) != self._org_id:
+            updates.append(ORG_ID.value_set(self._org_id))
+        if current.get(PAYMENT_STATUS) != self._state.payment_status:
+            updates.append(PAYMENT_STATUS.value_set(self._state.payment_status))
+        if updates:
+            workflow.upsert_search_attributes(updates)
+
+    def _show_details(self) -> None:
+        s = self._state
+        why = f": {s.status_reasons[0]}" if s.status_reasons and s.payment_status != "ok" else ""
+        last = f"; last: {self._last_outcome}" if self._last_outcome else ""
+        workflow.set_current_details(
+            f"{s.payment_status}{why}; plan {s.plan}; {self._events_applied} events applied{last}"
+        )
+
+
+def _cause(exc: ActivityError) -> str:
+    cause = exc.cause or exc
+    return str(cause.message if hasattr(cause, "message") else cause)[:300]
