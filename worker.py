@@ -15,13 +15,18 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.resets import ResetActivities
+from activities.stripe_reports import StripeReportActivities
 from billing.config import Settings
+from billing.stripe_client import make_stripe_client
 from workflows.monthly_close import MonthlyCloseWorkflow
 from workflows.monthly_reset import MonthlyResetWorkflow
+from workflows.stripe_report import StorageOverageWorkflow, StripeReportWorkflow
 
 WORKFLOWS: Sequence[type] = (
     MonthlyResetWorkflow,
     MonthlyCloseWorkflow,
+    StripeReportWorkflow,
+    StorageOverageWorkflow,
 )
 
 
@@ -30,9 +35,14 @@ def activities(
 ) -> list[Callable[..., Any]]:
     """Every activity, bound to its dependencies."""
     resets = ResetActivities(pool, client, task_queue)
+    reports = StripeReportActivities(pool, client, task_queue, make_stripe_client(settings))
     return [
         resets.close_org_month,
         resets.start_monthly_resets,
+        reports.send_stripe_reports,
+        reports.queue_storage_overage,
+        reports.start_pending_stripe_reports,
+        reports.start_stripe_reports,
     ]
 
 

@@ -268,6 +268,9 @@ class FakeStripe:
         self._idempotency: dict[tuple[str, str], _IdempotencyEntry] = {}
         self._requests: list[RecordedRequest] = []
         self._faults: list[_Fault] = []
+        # drop_after_commit_first_attempts: the path prefix it applies to, and the keys already dropped.
+        self._drop_first_prefix: str | None = None
+        self._drop_first_seen: set[str] = set()
         self._in_flight = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -547,10 +550,19 @@ class FakeStripe:
         with self._lock:
             self._faults.append(_Fault("drop", n, path_prefix))
 
+    def drop_after_commit_first_attempts(self, path_prefix: str = "/v1/billing/meter_events") -> None:
+        """From now on, the first request of every ``Idempotency-Key`` on ``path_prefix`` is processed
+        (and idempotently stored) and then has its connection dropped unanswered; a retry with the
+        same key gets the stored answer. Models a network that loses every first answer.
+        ``clear_faults`` turns it off."""
+        with self._lock:
+            self._drop_first_prefix = path_prefix
+
     def clear_faults(self) -> None:
         """Forget all pending injected faults."""
         with self._lock:
             self._faults.clear()
+            self._drop_first_prefix = None
 
     # ------------------------------------------------------------------ introspection
 
@@ -613,6 +625,8 @@ class FakeStripe:
             slow = self._take_fault("slow", req.path)
             fail = self._take_fault("fail", req.path)
             drop = None if fail else self._take_fault("drop", req.path)
+            if drop is None and fail is None and self._first_attempt_to_drop(req):
+                drop = _Fault("drop", 0, self._drop_first_prefix)
         try:
             if slow is not None:
                 req.fault = "slow"
@@ -630,6 +644,13 @@ class FakeStripe:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
+
+    def _first_attempt_to_drop(self, req: RecordedRequest) -> bool:
+        prefix, key = self._drop_first_prefix, req.idempotency_key
+        if prefix is None or key is None or not req.path.startswith(prefix) or key in self._drop_first_seen:
+            return False
+        self._drop_first_seen.add(key)
+        return True
 
     @staticmethod
     def _finish(
