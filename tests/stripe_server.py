@@ -220,6 +220,7 @@ class _Fault:
     status: int = 500
     seconds: float = 0.0
     retry_after: int | None = None
+    skip: int = 0  # matching requests to let through untouched before the fault applies
 
     def matches(self, path: str) -> bool:
         return self.remaining > 0 and (self.path_prefix is None or path.startswith(self.path_prefix))
@@ -535,14 +536,15 @@ class FakeStripe:
         with self._lock:
             self._faults.append(_Fault("fail", n, path_prefix, status=status, retry_after=retry_after))
 
-    def slow_next(self, n: int, seconds: float, path_prefix: str | None = None) -> None:
+    def slow_next(self, n: int, seconds: float, path_prefix: str | None = None, skip: int = 0) -> None:
         """Delay the next ``n`` matching requests by ``seconds`` before processing them.
 
         The request is still processed after the delay even if the client gave up meanwhile, as a
-        real server would; use :meth:`wait_idle` before asserting on its effects.
+        real server would; use :meth:`wait_idle` before asserting on its effects. ``skip`` lets that
+        many matching requests through untouched first (e.g. to slow down the third call of a run).
         """
         with self._lock:
-            self._faults.append(_Fault("slow", n, path_prefix, seconds=seconds))
+            self._faults.append(_Fault("slow", n, path_prefix, seconds=seconds, skip=skip))
 
     def drop_after_commit_next(self, n: int = 1, path_prefix: str | None = None) -> None:
         """Fully process (and idempotently store) the next ``n`` matching requests, then close the
@@ -611,6 +613,9 @@ class FakeStripe:
     def _take_fault(self, kind: str, path: str) -> _Fault | None:
         for fault in self._faults:
             if fault.kind == kind and fault.matches(path):
+                if fault.skip > 0:
+                    fault.skip -= 1
+                    continue
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self._faults.remove(fault)

@@ -9,4 +9,4 @@ LEFT JOIN stripe_report_outbox o
       AND o.status = 'sent'
       AND o.event_timestamp >= %(start)s AND o.event_timestamp < %(end)s
 GROUP BY m.tag, m.stripe_event_name
-ORDER BY m.tag
+ORDER BY m.stripe_event_name
