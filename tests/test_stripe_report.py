@@ -282,3 +282,37 @@ async def test_without_a_key_rows_stay_pending_then_the_hourly_job_sends_them_on
         assert counted_identifiers(fake) == identifiers
         assert [r["status"] for r in await outbox(pool, org.id)] == ["sent"] * 3
         await _assert_reconciles(pool, keyed, org.id)
+
+
+async def test_the_start_activity_the_sync_calls_starts_or_signals_one_report_per_org(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    import pytest
+    from temporalio.exceptions import ApplicationError
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.stripe_reports import StripeReportActivities
+    from billing.models_stripe import StartStripeReportsInput
+
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [2, 4])
+        settings = stripe_settings(database_url, client, fake)
+        activities = StripeReportActivities(pool, client, settings.task_queue, make_stripe_client(settings))
+        request = StartStripeReportsInput(
+            org_ids=[org.id, org.id], hour=f"{this_hour():%Y-%m-%dT%H}", tuning=FAST
+        )
+        async with running_worker(settings, pool, client):
+            started = await ActivityEnvironment().run(activities.start_stripe_reports, request)
+            handle = client.get_workflow_handle(
+                stripe_report_id(org.id, this_hour()), result_type=StripeReportResult
+            )
+            result = await handle.result()
+        assert (started.started, started.already_running, started.stripe_configured) == (1, 0, True)
+        assert result.sent == 2
+        assert counted_identifiers(fake) == identifiers
+
+        bad = StartStripeReportsInput(org_ids=["not-a-uuid"], hour=f"{this_hour():%Y-%m-%dT%H}")
+        with pytest.raises(ApplicationError, match="org id must be a UUID, got 'not-a-uuid'"):
+            await ActivityEnvironment().run(activities.start_stripe_reports, bad)

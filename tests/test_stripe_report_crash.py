@@ -181,3 +181,31 @@ async def test_reconcile_refuses_clearly_without_a_key_or_a_customer(
     )
     assert bad_month.returncode == 2
     assert "expected a month as YYYY-MM, got '2026-13'" in bad_month.stderr
+
+
+async def test_billing_report_pending_starts_the_backlog_now(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    from tests.conftest import running_worker
+
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="team", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [8, 9])
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [str(VENV_BIN / "billing"), "report-pending", "--org", org.id, "--json"],
+                env=_env(settings, fake),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            output = json.loads(done.stdout)
+            assert (output["orgs"], output["started"]) == (1, 1)
+            handle = client.get_workflow_handle(output["workflow_ids"][0], result_type=StripeReportResult)
+            result = await handle.result()
+        assert result.sent == 2
+        assert counted_identifiers(fake) == identifiers
