@@ -16,11 +16,14 @@ from temporalio.worker import Worker
 
 from activities.payments import PaymentActivities
 from activities.resets import ResetActivities
+from activities.stripe_reports import StripeReportActivities
 from activities.usage import UsageActivities
 from billing.config import Settings
+from billing.stripe_client import make_stripe_client
 from workflows.monthly_close import MonthlyCloseWorkflow
 from workflows.monthly_reset import MonthlyResetWorkflow
 from workflows.org_billing import OrgBillingWorkflow
+from workflows.stripe_report import StorageOverageWorkflow, StripeReportWorkflow
 from workflows.usage_sync import PullUsageSyncWorkflow, UsageSyncWorkflow
 
 WORKFLOWS: Sequence[type] = (
@@ -29,6 +32,8 @@ WORKFLOWS: Sequence[type] = (
     UsageSyncWorkflow,
     PullUsageSyncWorkflow,
     OrgBillingWorkflow,
+    StripeReportWorkflow,
+    StorageOverageWorkflow,
 )
 
 
@@ -39,6 +44,7 @@ def activities(
     resets = ResetActivities(pool, client, task_queue)
     usage = UsageActivities(settings, pool, client, task_queue)
     payments = PaymentActivities(settings, pool)
+    reports = StripeReportActivities(pool, client, task_queue, make_stripe_client(settings))
     return [
         resets.close_org_month,
         resets.start_monthly_resets,
@@ -52,6 +58,10 @@ def activities(
         payments.change_stripe_subscription,
         payments.resolve_plan,
         payments.resolve_invoice_kind,
+        reports.send_stripe_reports,
+        reports.queue_storage_overage,
+        reports.start_pending_stripe_reports,
+        reports.start_stripe_reports,
     ]
 
 

@@ -287,6 +287,90 @@ async def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    """Compare the org's sent Stripe reports with Stripe's meter summaries; exit 1 when any differs."""
+    import stripe
+
+    from billing.db import open_pool
+    from billing.errors import ConfigError
+    from billing.reconcile import reconcile
+    from billing.stripe_client import make_stripe_client
+
+    stripe_client = make_stripe_client(settings)
+    if stripe_client is None:
+        raise ConfigError("STRIPE_API_KEY", "not set (reconcile compares the ledger with Stripe)")
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
+        report = await reconcile(pool, stripe_client, args.org_id, args.month)
+    except stripe.StripeError as exc:
+        raise UserError(
+            f"Stripe answered {exc.http_status or 'nothing'}: {exc.user_message or exc}"
+        ) from None
+    finally:
+        await pool.close()
+    if args.json:
+        data = report.model_dump(mode="json")
+        for meter in data["meters"]:
+            for key in ("ledger", "stripe", "difference"):
+                meter[key] = _number(meter[key])
+        print(json.dumps({**data, "matches": report.matches}, indent=2))
+        return 0 if report.matches else 1
+    print(
+        f"org {report.org_id}, customer {report.stripe_customer_id}, {report.month} (ledger = sent reports)"
+    )
+    print(f"  {'meter':<22} {'ledger':>14} {'stripe':>14} {'difference':>12}")
+    for meter in report.meters:
+        note = f"  ({meter.note})" if meter.note else ""
+        print(
+            f"  {meter.event_name:<22} {meter.ledger:>14,} {meter.stripe:>14,} {meter.difference:>+12,}{note}"
+        )
+    differing = sum(1 for meter in report.meters if meter.difference != 0)
+    print("all meters match" if not differing else f"{differing} meter(s) differ")
+    return 0 if report.matches else 1
+
+
+async def cmd_report_pending(args: argparse.Namespace, settings: Settings) -> int:
+    """Start stripe-report workflows now for orgs with pending reports (else the hourly job does)."""
+    from datetime import UTC, datetime
+
+    from billing.errors import ConfigError
+    from billing.reporting import start_stripe_reports
+    from billing.services import open_services
+    from billing.sql import query
+
+    if settings.stripe_api_key is None:
+        raise ConfigError("STRIPE_API_KEY", "not set: reports stay pending until the workers have a key")
+    async with open_services(settings, pool_size=2) as services:
+        org_ids: list[str] = []
+        cursor: str | None = None
+        async with services.pool.connection() as conn:
+            while True:
+                rows = await (
+                    await conn.execute(
+                        query("orgs_with_pending_reports"), {"after_org_id": cursor, "page_size": 1000}
+                    )
+                ).fetchall()
+                org_ids += [row["org_id"] for row in rows]
+                if len(rows) < 1000:
+                    break
+                cursor = rows[-1]["org_id"]
+        if args.org_id:
+            org_ids = [org_id for org_id in org_ids if org_id == args.org_id]
+        starts = await start_stripe_reports(services.client, settings.task_queue, org_ids, datetime.now(UTC))
+    result = {"orgs": len(org_ids), "started": starts.started, "already_running": starts.already_running}
+    text = (
+        f"reports for {len(org_ids)} orgs with pending rows: {starts.started} started, "
+        f"{starts.already_running} already running"
+    )
+    _print({**result, "workflow_ids": starts.workflow_ids}, args.json, text)
+    return 0
+
+
+def _number(value: str) -> int | float:
+    """A decimal from JSON as a plain number (an int when integral)."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
 
@@ -341,6 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("--month", type=_month, required=True, help="the month to open, YYYY-MM")
     reset.add_argument("--no-wait", action="store_true", help="do not wait for the reset to finish")
     reset.add_argument("--json", action="store_true", help="print JSON")
+
+    reconcile = add(
+        "reconcile",
+        cmd_reconcile,
+        "compare an org's sent Stripe reports with Stripe's meter summaries (exit 1 when they differ)",
+    )
+    reconcile.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+    reconcile.add_argument("--month", type=_month, required=True, help="the month to compare, YYYY-MM")
+    reconcile.add_argument("--json", action="store_true", help="print JSON")
+
+    pending = add(
+        "report-pending", cmd_report_pending, "start Stripe reports now for orgs with pending reports"
+    )
+    pending.add_argument("--org", dest="org_id", type=_org_id, metavar="ORG_ID", help="only this org")
+    pending.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 

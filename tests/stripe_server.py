@@ -220,6 +220,7 @@ class _Fault:
     status: int = 500
     seconds: float = 0.0
     retry_after: int | None = None
+    skip: int = 0  # matching requests to let through untouched before the fault applies
 
     def matches(self, path: str) -> bool:
         return self.remaining > 0 and (self.path_prefix is None or path.startswith(self.path_prefix))
@@ -268,6 +269,9 @@ class FakeStripe:
         self._idempotency: dict[tuple[str, str], _IdempotencyEntry] = {}
         self._requests: list[RecordedRequest] = []
         self._faults: list[_Fault] = []
+        # drop_after_commit_first_attempts: the path prefix it applies to, and the keys already dropped.
+        self._drop_first_prefix: str | None = None
+        self._drop_first_seen: set[str] = set()
         self._in_flight = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -558,14 +562,15 @@ class FakeStripe:
         with self._lock:
             self._faults.append(_Fault("fail", n, path_prefix, status=status, retry_after=retry_after))
 
-    def slow_next(self, n: int, seconds: float, path_prefix: str | None = None) -> None:
+    def slow_next(self, n: int, seconds: float, path_prefix: str | None = None, skip: int = 0) -> None:
         """Delay the next ``n`` matching requests by ``seconds`` before processing them.
 
         The request is still processed after the delay even if the client gave up meanwhile, as a
-        real server would; use :meth:`wait_idle` before asserting on its effects.
+        real server would; use :meth:`wait_idle` before asserting on its effects. ``skip`` lets that
+        many matching requests through untouched first (e.g. to slow down the third call of a run).
         """
         with self._lock:
-            self._faults.append(_Fault("slow", n, path_prefix, seconds=seconds))
+            self._faults.append(_Fault("slow", n, path_prefix, seconds=seconds, skip=skip))
 
     def drop_after_commit_next(self, n: int = 1, path_prefix: str | None = None) -> None:
         """Fully process (and idempotently store) the next ``n`` matching requests, then close the
@@ -573,10 +578,19 @@ class FakeStripe:
         with self._lock:
             self._faults.append(_Fault("drop", n, path_prefix))
 
+    def drop_after_commit_first_attempts(self, path_prefix: str = "/v1/billing/meter_events") -> None:
+        """From now on, the first request of every ``Idempotency-Key`` on ``path_prefix`` is processed
+        (and idempotently stored) and then has its connection dropped unanswered; a retry with the
+        same key gets the stored answer. Models a network that loses every first answer.
+        ``clear_faults`` turns it off."""
+        with self._lock:
+            self._drop_first_prefix = path_prefix
+
     def clear_faults(self) -> None:
         """Forget all pending injected faults."""
         with self._lock:
             self._faults.clear()
+            self._drop_first_prefix = None
 
     # ------------------------------------------------------------------ introspection
 
@@ -625,6 +639,9 @@ class FakeStripe:
     def _take_fault(self, kind: str, path: str) -> _Fault | None:
         for fault in self._faults:
             if fault.kind == kind and fault.matches(path):
+                if fault.skip > 0:
+                    fault.skip -= 1
+                    continue
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self._faults.remove(fault)
@@ -639,6 +656,8 @@ class FakeStripe:
             slow = self._take_fault("slow", req.path)
             fail = self._take_fault("fail", req.path)
             drop = None if fail else self._take_fault("drop", req.path)
+            if drop is None and fail is None and self._first_attempt_to_drop(req):
+                drop = _Fault("drop", 0, self._drop_first_prefix)
         try:
             if slow is not None:
                 req.fault = "slow"
@@ -656,6 +675,13 @@ class FakeStripe:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
+
+    def _first_attempt_to_drop(self, req: RecordedRequest) -> bool:
+        prefix, key = self._drop_first_prefix, req.idempotency_key
+        if prefix is None or key is None or not req.path.startswith(prefix) or key in self._drop_first_seen:
+            return False
+        self._drop_first_seen.add(key)
+        return True
 
     @staticmethod
     def _finish(

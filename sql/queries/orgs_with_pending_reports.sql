@@ -1,0 +1,7 @@
+-- One page of orgs that have Stripe reports waiting, in id order, after a cursor.
+SELECT DISTINCT organization_id::text AS org_id
+FROM stripe_report_outbox
+WHERE status = 'pending'
+  AND (%(after_org_id)s::uuid IS NULL OR organization_id > %(after_org_id)s::uuid)
+ORDER BY org_id
+LIMIT %(page_size)s

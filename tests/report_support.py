@@ -1,0 +1,88 @@
+"""Shared helpers of the Stripe reporting tests: outbox rows written the way the usage sync writes them."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+
+from billing.config import Settings
+from billing.models_stripe import ReportTuning, StripeReportResult
+from billing.reporting import start_stripe_reports
+from tests.conftest import make_settings
+from tests.stripe_server import FakeStripe
+
+# Short intervals so a 429 storm or a killed worker is recovered from in seconds, not minutes.
+FAST = ReportTuning(
+    initial_interval_seconds=0.05, maximum_interval_seconds=0.4, heartbeat_timeout_seconds=2.0, page_size=100
+)
+TEST_KEY = "sk_test_reporting"
+
+
+def this_hour() -> datetime:
+    """The current UTC hour: inside this month, and within Stripe's 35-day window."""
+    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def stripe_settings(database_url: str, client: Client, fake: FakeStripe, **overrides: str) -> Settings:
+    """Test settings with STRIPE_API_KEY set and STRIPE_API_BASE pointing at ``fake``."""
+    return make_settings(database_url, client, STRIPE_API_KEY=TEST_KEY, STRIPE_API_BASE=fake.url, **overrides)
+
+
+async def queue_rows(
+    pool: AsyncConnectionPool, org_id: str, quantities: list[int], *, tag: str = "task.created"
+) -> list[str]:
+    """Insert one pending outbox row per quantity, oldest first, as a sync batch would; returns the
+    identifiers in row order."""
+    hour = this_hour()
+    batch = uuid.uuid4().hex[:12]
+    identifiers = [f"sync-test-{batch}-{i}" for i in range(len(quantities))]
+    async with pool.connection() as conn:
+        for identifier, quantity in zip(identifiers, quantities, strict=True):
+            await conn.execute(
+                "INSERT INTO stripe_report_outbox (organization_id, tag, month, report_hour,"
+                " event_timestamp, quantity, source, identifier)"
+                " VALUES (%s, %s, date_trunc('month', %s AT TIME ZONE 'UTC')::date, %s, %s, %s, %s, %s)",
+                [org_id, tag, hour, hour, hour, quantity, f"sync:{batch}", identifier],
+            )
+    return identifiers
+
+
+async def outbox(pool: AsyncConnectionPool, org_id: str) -> list[dict[str, Any]]:
+    """The org's outbox rows in id order."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(
+            "SELECT id, identifier, tag, quantity, status, status_reason, stripe_response, attempts, sent_at"
+            " FROM stripe_report_outbox WHERE organization_id = %s ORDER BY id",
+            [org_id],
+        )
+        return list(await cursor.fetchall())
+
+
+async def report(
+    client: Client,
+    settings: Settings,
+    org_id: str,
+    *,
+    hour: datetime | None = None,
+    tuning: ReportTuning = FAST,
+) -> StripeReportResult:
+    """Start the org's stripe-report workflow and wait for its result."""
+    starts = await start_stripe_reports(
+        client, settings.task_queue, [org_id], hour or this_hour(), tuning=tuning
+    )
+    handle = client.get_workflow_handle(starts.workflow_ids[0], result_type=StripeReportResult)
+    return await handle.result()
+
+
+def counted_identifiers(fake: FakeStripe) -> list[str]:
+    """Identifiers of the events Stripe counted, in the order it counted them."""
+    return [event["identifier"] for event in fake.meter_events]
+
+
+def meter_event_requests(fake: FakeStripe) -> list[str]:
+    """The identifier of every meter-event request the fake received, in arrival order."""
+    return [r.params.get("identifier", "") for r in fake.requests if r.path == "/v1/billing/meter_events"]

@@ -1,0 +1,318 @@
+"""``stripe-report/{org}/{hour}`` against real PostgreSQL, the Temporal dev server and FakeStripe."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+
+from activities.stripe_reports import idempotency_key
+from billing.ids import stripe_report_id
+from billing.models_stripe import StripeReportResult
+from billing.reconcile import reconcile
+from billing.reporting import start_stripe_reports
+from billing.status import load_org_status
+from billing.stripe_client import make_stripe_client
+from tests.conftest import make_settings, running_worker
+from tests.factories import make_org
+from tests.report_support import (
+    FAST,
+    counted_identifiers,
+    meter_event_requests,
+    outbox,
+    queue_rows,
+    report,
+    stripe_settings,
+    this_hour,
+)
+from tests.stripe_server import FakeStripe
+
+
+async def _assert_reconciles(pool: AsyncConnectionPool, settings, org_id: str) -> None:
+    stripe_client = make_stripe_client(settings)
+    assert stripe_client is not None
+    result = await reconcile(pool, stripe_client, org_id, f"{this_hour():%Y-%m}")
+    assert result.matches, result.meters
+    assert all(meter.difference == 0 for meter in result.meters)
+
+
+async def test_each_pending_row_becomes_one_meter_event_oldest_first(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [5, 7, 11])
+        identifiers += await queue_rows(pool, org.id, [3], tag="space.learned")
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            result = await report(client, settings, org.id)
+
+        assert (result.sent, result.deduplicated, result.failed, result.skipped, result.pending) == (
+            4,
+            0,
+            0,
+            0,
+            0,
+        )
+        assert result.outcome == "4 sent (0 already in Stripe), 0 failed, 0 skipped, 0 pending"
+        events = fake.meter_events
+        assert [e["identifier"] for e in events] == identifiers
+        assert [(e["event_name"], e["value"]) for e in events] == [
+            ("agent_tasks", 5),
+            ("agent_tasks", 7),
+            ("agent_tasks", 11),
+            ("skill_blocks", 3),
+        ]
+        assert {e["customer"] for e in events} == {customer}
+        assert {e["timestamp"] for e in events} == {int(this_hour().timestamp())}
+        keys = [r.idempotency_key for r in fake.requests if r.path == "/v1/billing/meter_events"]
+        assert keys == [idempotency_key(i) for i in identifiers]
+        rows = await outbox(pool, org.id)
+        assert [(r["status"], r["attempts"]) for r in rows] == [("sent", 1)] * 4
+        assert all(r["sent_at"] is not None for r in rows)
+        assert [r["stripe_response"]["identifier"] for r in rows] == identifiers
+        await _assert_reconciles(pool, settings, org.id)
+
+
+async def test_counted_then_dropped_on_every_first_call_counts_each_row_once(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="team", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [1, 2, 3, 4])
+        fake.drop_after_commit_first_attempts()
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            result = await report(client, settings, org.id)
+
+        # Every row: a first call counted and then lost, and a retry with the same key replayed.
+        assert meter_event_requests(fake) == [i for i in identifiers for _ in range(2)]
+        assert counted_identifiers(fake) == identifiers
+        assert fake.total(customer, "agent_tasks") == 10
+        assert result.sent == 4
+        assert [(r["status"], r["attempts"]) for r in await outbox(pool, org.id)] == [("sent", 2)] * 4
+        await _assert_reconciles(pool, settings, org.id)
+
+
+async def test_a_429_and_5xx_storm_sends_everything_eventually_oldest_first(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, list(range(1, 9)))
+        fake.fail_next(3, status=429)
+        fake.fail_next(1, status=503)
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            result = await report(client, settings, org.id)
+            # A second storm in the middle of the backlog: progress before it is kept.
+            more = await queue_rows(pool, org.id, [100, 200, 300])
+            fake.fail_next(1, status=500)
+            fake.fail_next(1, status=429, path_prefix="/v1/billing/meter_events")
+            again = await report(client, settings, org.id, hour=this_hour() - timedelta(hours=1))
+
+        assert counted_identifiers(fake) == identifiers + more
+        assert fake.total(customer, "agent_tasks") == 36 + 600
+        assert (result.sent, again.sent) == (8, 3)
+        rows = await outbox(pool, org.id)
+        # The first row of each storm was attempted once per failure and once more.
+        assert [r["attempts"] for r in rows] == [5, 1, 1, 1, 1, 1, 1, 1, 3, 1, 1]
+        assert {r["status"] for r in rows} == {"sent"}
+        assert all(r["status_reason"] is None for r in rows)
+        await _assert_reconciles(pool, settings, org.id)
+
+
+async def test_two_overlapping_reports_of_one_org_send_each_row_once_in_order(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [1] * 12)
+        fake.slow_next(4, 0.2, path_prefix="/v1/billing/meter_events")
+        settings = stripe_settings(database_url, client, fake)
+        small_pages = FAST.model_copy(update={"page_size": 3})
+        hour = this_hour()
+        async with running_worker(settings, pool, client):
+            # Two syncs of different hours, and a repeat of one, all at once.
+            starts = await asyncio.gather(
+                start_stripe_reports(client, settings.task_queue, [org.id], hour, tuning=small_pages),
+                start_stripe_reports(
+                    client, settings.task_queue, [org.id], hour - timedelta(hours=1), tuning=small_pages
+                ),
+                start_stripe_reports(client, settings.task_queue, [org.id], hour, tuning=small_pages),
+            )
+            results = [
+                await client.get_workflow_handle(wid, result_type=StripeReportResult).result()
+                for wid in {s.workflow_ids[0] for s in starts}
+            ]
+
+        assert len(results) == 2
+        assert {s.workflow_ids[0] for s in starts} == {
+            stripe_report_id(org.id, hour),
+            stripe_report_id(org.id, hour - timedelta(hours=1)),
+        }
+        # Never two requests for one row: the reports took turns, page by page.
+        assert meter_event_requests(fake) == identifiers
+        assert counted_identifiers(fake) == identifiers
+        assert sum(r.sent for r in results) == 12
+        assert sum(r.deduplicated for r in results) == 0
+        await _assert_reconciles(pool, settings, org.id)
+
+
+async def test_a_refused_row_fails_with_stripes_message_and_the_others_are_sent(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    # Stripe has no meter for skill_blocks (space.learned): that row is refused with a 400.
+    with FakeStripe(meters=["agent_tasks", "storage_gb_hour"]) as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        first = await queue_rows(pool, org.id, [4])
+        refused = await queue_rows(pool, org.id, [9], tag="space.learned")
+        last = await queue_rows(pool, org.id, [6])
+        gone = fake.add_customer()
+        deleted = await make_org(pool, plan="pro", stripe_customer_id=gone)
+        await queue_rows(pool, deleted.id, [2, 3])
+        fake.delete_customer(gone)
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            result = await report(client, settings, org.id)
+            deleted_result = await report(client, settings, deleted.id)
+
+        assert counted_identifiers(fake) == first + last
+        message = "No active meter was found for event_name 'skill_blocks'."
+        assert (result.sent, result.failed, result.pending) == (2, 1, 0)
+        assert result.outcome == (
+            f"2 sent (0 already in Stripe), 1 failed, 0 skipped, 0 pending; last refusal: {refused[0]}: {message}"
+        )
+        rows = await outbox(pool, org.id)
+        assert [r["status"] for r in rows] == ["sent", "failed", "sent"]
+        assert rows[1]["status_reason"] == message
+        assert rows[1]["stripe_response"]["error"]["message"] == message
+        assert (deleted_result.sent, deleted_result.failed) == (0, 2)
+        assert {r["status_reason"] for r in await outbox(pool, deleted.id)} == {f"No such customer: '{gone}'"}
+        status = await load_org_status(pool, org.id, f"{this_hour():%Y-%m}", stripe_configured=True)
+        assert status is not None
+        assert [(r.status, r.reports, r.quantity, r.last_reason) for r in status.stripe_reports] == [
+            ("failed", 1, 9, message)
+        ]
+
+
+async def test_a_free_org_and_an_org_without_customer_are_never_sent_anything(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    with FakeStripe() as fake:
+        free = await make_org(pool, plan="free", stripe_customer_id=fake.add_customer())
+        nameless = await make_org(pool, plan="team")
+        await queue_rows(pool, free.id, [10, 20])
+        await queue_rows(pool, nameless.id, [30])
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            free_result = await report(client, settings, free.id)
+            nameless_result = await report(client, settings, nameless.id)
+
+        assert fake.request_counts["/v1/billing/meter_events"] == 0
+        assert fake.meter_events == []
+        assert (free_result.sent, free_result.skipped) == (0, 2)
+        assert (nameless_result.sent, nameless_result.skipped) == (0, 1)
+        assert [(r["status"], r["status_reason"]) for r in await outbox(pool, free.id)] == [
+            ("skipped", "plan free: free plans are never billed")
+        ] * 2
+        assert [(r["status"], r["status_reason"]) for r in await outbox(pool, nameless.id)] == [
+            ("skipped", "organization has no stripe_customer_id")
+        ]
+        assert free_result.outcome.endswith("skipped because plan free: free plans are never billed")
+
+
+async def test_without_a_key_rows_stay_pending_then_the_hourly_job_sends_them_once_a_key_is_set(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    from billing.models_stripe import StorageOverageInput, StorageOverageResult
+
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [3, 1, 2])
+        keyless = make_settings(database_url, client)
+        async with running_worker(keyless, pool, client):
+            result = await report(client, keyless, org.id)
+            sweep = await client.execute_workflow(
+                "StorageOverageWorkflow",
+                StorageOverageInput(hour=f"{this_hour():%Y-%m-%dT%H}", tuning=FAST),
+                id=f"storage-overage-test-{org.id}-keyless",
+                task_queue=keyless.task_queue,
+                result_type=StorageOverageResult,
+            )
+        assert result.stripe_configured is False
+        assert result.pending == 3
+        assert result.outcome == (
+            "STRIPE_API_KEY is not set: 3 reports stay pending (none lost); "
+            "they are sent in order by the first run after a key is set"
+        )
+        assert (sweep.stripe_configured, sweep.reports_started) == (False, 0)
+        assert [r["status"] for r in await outbox(pool, org.id)] == ["pending"] * 3
+        status = await load_org_status(pool, org.id, f"{this_hour():%Y-%m}", stripe_configured=False)
+        assert status is not None
+        assert status.stripe_reporting == (
+            "STRIPE_API_KEY is not set: 3 reports wait in the outbox as pending, none lost"
+        )
+
+        # The operator sets the key and restarts the workers; the next hourly job sends the backlog.
+        keyed = stripe_settings(database_url, client, fake)
+        async with running_worker(keyed, pool, client):
+            sweep = await client.execute_workflow(
+                "StorageOverageWorkflow",
+                StorageOverageInput(hour=f"{this_hour():%Y-%m-%dT%H}", tuning=FAST),
+                id=f"storage-overage-test-{org.id}-keyed",
+                task_queue=keyed.task_queue,
+                result_type=StorageOverageResult,
+            )
+            handle = client.get_workflow_handle(
+                stripe_report_id(org.id, this_hour()), result_type=StripeReportResult
+            )
+            sent = await handle.result()
+        assert sweep.stripe_configured is True
+        assert sweep.reports_started >= 1
+        assert sent.sent == 3
+        assert counted_identifiers(fake) == identifiers
+        assert [r["status"] for r in await outbox(pool, org.id)] == ["sent"] * 3
+        await _assert_reconciles(pool, keyed, org.id)
+
+
+async def test_the_start_activity_the_sync_calls_starts_or_signals_one_report_per_org(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    import pytest
+    from temporalio.exceptions import ApplicationError
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.stripe_reports import StripeReportActivities
+    from billing.models_stripe import StartStripeReportsInput
+
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [2, 4])
+        settings = stripe_settings(database_url, client, fake)
+        activities = StripeReportActivities(pool, client, settings.task_queue, make_stripe_client(settings))
+        request = StartStripeReportsInput(
+            org_ids=[org.id, org.id], hour=f"{this_hour():%Y-%m-%dT%H}", tuning=FAST
+        )
+        async with running_worker(settings, pool, client):
+            started = await ActivityEnvironment().run(activities.start_stripe_reports, request)
+            handle = client.get_workflow_handle(
+                stripe_report_id(org.id, this_hour()), result_type=StripeReportResult
+            )
+            result = await handle.result()
+        assert (started.started, started.already_running, started.stripe_configured) == (1, 0, True)
+        assert result.sent == 2
+        assert counted_identifiers(fake) == identifiers
+
+        bad = StartStripeReportsInput(org_ids=["not-a-uuid"], hour=f"{this_hour():%Y-%m-%dT%H}")
+        with pytest.raises(ApplicationError, match="org id must be a UUID, got 'not-a-uuid'"):
+            await ActivityEnvironment().run(activities.start_stripe_reports, bad)

@@ -1,0 +1,211 @@
+"""A worker process killed outright mid-report, and ``billing reconcile`` after it (both as processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import stripe
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+
+from billing.config import Settings
+from billing.models_stripe import StripeReportResult
+from billing.reporting import start_stripe_reports
+from tests.conftest import VENV_BIN
+from tests.factories import make_org
+from tests.report_support import (
+    FAST,
+    TEST_KEY,
+    counted_identifiers,
+    meter_event_requests,
+    outbox,
+    queue_rows,
+    stripe_settings,
+    this_hour,
+)
+from tests.stripe_server import FakeStripe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(settings: Settings, fake: FakeStripe | None) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.require_database_url(),
+        "TEMPORAL_ADDRESS": settings.temporal_address,
+        "BILLING_TASK_QUEUE": settings.task_queue,
+    }
+    env.pop("STRIPE_API_KEY", None)
+    env.pop("STRIPE_API_BASE", None)
+    if fake is not None:
+        env |= {"STRIPE_API_KEY": TEST_KEY, "STRIPE_API_BASE": fake.url}
+    return env
+
+
+@contextmanager
+def _worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """``python worker.py`` as its own process; stopped (if still alive) when the block ends."""
+    process = subprocess.Popen(
+        [sys.executable, "worker.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def _wait_for(condition: object, what: str, seconds: float = 30.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _reconcile_cli(
+    settings: Settings, fake: FakeStripe | None, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [str(VENV_BIN / "billing"), "reconcile", *args],
+        env=_env(settings, fake),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_and_reconciles(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [1, 2, 3, 4, 5, 6])
+        settings = stripe_settings(database_url, client, fake)
+        # Rows 1 and 2 are counted by Stripe inside the page's open transaction; row 3 is still being
+        # processed by Stripe when the worker dies.
+        fake.slow_next(1, 2.0, path_prefix="/v1/billing/meter_events", skip=2)
+        env = _env(settings, fake)
+        with _worker_process(env) as first:
+            starts = await start_stripe_reports(
+                client, settings.task_queue, [org.id], this_hour(), tuning=FAST
+            )
+            await _wait_for(lambda: any(r.fault == "slow" for r in fake.requests), "the slow third call")
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        assert first.returncode == -signal.SIGKILL
+        # The page never committed: every row is pending, though Stripe already counted two of them.
+        assert [r["status"] for r in await outbox(pool, org.id)] == ["pending"] * 6
+        assert counted_identifiers(fake) == identifiers[:2]
+
+        with _worker_process(env):
+            handle = client.get_workflow_handle(starts.workflow_ids[0], result_type=StripeReportResult)
+            result = await asyncio.wait_for(handle.result(), 60)
+        fake.wait_idle()
+
+        assert counted_identifiers(fake) == identifiers
+        assert fake.total(customer, "agent_tasks") == 21
+        requests = meter_event_requests(fake)
+        assert [requests.count(i) for i in identifiers] == [2, 2, 2, 1, 1, 1]
+        rows = await outbox(pool, org.id)
+        assert [r["status"] for r in rows] == ["sent"] * 6
+        assert result.sent == 6
+        assert result.pending == 0
+
+        month = f"{this_hour():%Y-%m}"
+        matched = await _reconcile_cli(settings, fake, org.id, "--month", month)
+        assert matched.returncode == 0, matched.stderr
+        lines = matched.stdout.splitlines()
+        assert lines[0] == f"org {org.id}, customer {customer}, {month} (ledger = sent reports)"
+        assert lines[1:] == [
+            "  meter                          ledger         stripe   difference",
+            "  agent_tasks                        21             21           +0",
+            "  agentic_skill_search                0              0           +0",
+            "  fast_skill_search                   0              0           +0",
+            "  skill_blocks                        0              0           +0",
+            "  storage_gb_hour                     0              0           +0",
+            "all meters match",
+        ]
+
+        # An event that bypassed the outbox: Stripe counts 5 more than the ledger sent.
+        raw = stripe.StripeClient(TEST_KEY, base_addresses={"api": fake.url}, max_network_retries=0)
+        raw.v1.billing.meter_events.create(
+            {
+                "event_name": "agent_tasks",
+                "identifier": "out-of-band-1",
+                "timestamp": int(this_hour().timestamp()),
+                "payload": {"stripe_customer_id": customer, "value": "5"},
+            }
+        )
+        differs = await _reconcile_cli(settings, fake, org.id, "--month", month, "--json")
+        assert differs.returncode == 1, differs.stderr
+        report = json.loads(differs.stdout)
+        assert report["matches"] is False
+        by_meter = {m["event_name"]: m for m in report["meters"]}
+        assert (by_meter["agent_tasks"]["ledger"], by_meter["agent_tasks"]["stripe"]) == (21, 26)
+        assert by_meter["agent_tasks"]["difference"] == 5
+        assert {m["difference"] for name, m in by_meter.items() if name != "agent_tasks"} == {0}
+
+
+async def test_reconcile_refuses_clearly_without_a_key_or_a_customer(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    with FakeStripe() as fake:
+        settings = stripe_settings(database_url, client, fake)
+        nameless = await make_org(pool, plan="pro")
+        no_key = await _reconcile_cli(settings, None, nameless.id, "--month", "2026-01")
+        no_customer = await _reconcile_cli(settings, fake, nameless.id, "--month", "2026-01")
+        bad_month = await _reconcile_cli(settings, fake, nameless.id, "--month", "2026-13")
+    assert (no_key.returncode, no_key.stderr) == (
+        2,
+        "billing: error: STRIPE_API_KEY: not set (reconcile compares the ledger with Stripe)\n",
+    )
+    assert (no_customer.returncode, no_customer.stderr) == (
+        2,
+        f"billing: error: organization {nameless.id} has no stripe_customer_id: nothing was sent to compare\n",
+    )
+    assert bad_month.returncode == 2
+    assert "expected a month as YYYY-MM, got '2026-13'" in bad_month.stderr
+
+
+async def test_billing_report_pending_starts_the_backlog_now(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    from tests.conftest import running_worker
+
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="team", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [8, 9])
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [str(VENV_BIN / "billing"), "report-pending", "--org", org.id, "--json"],
+                env=_env(settings, fake),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            output = json.loads(done.stdout)
+            assert (output["orgs"], output["started"]) == (1, 1)
+            handle = client.get_workflow_handle(output["workflow_ids"][0], result_type=StripeReportResult)
+            result = await handle.result()
+        assert result.sent == 2
+        assert counted_identifiers(fake) == identifiers

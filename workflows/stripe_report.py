@@ -1,0 +1,165 @@
+"""``stripe-report/{org_id}/{YYYY-MM-DDTHH}`` and the ``storage-overage-hourly`` schedule's workflow.
+
+Thin and deterministic: every read, write and Stripe call is an activity (activities/stripe_reports.py).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+from billing.hours import hour_key
+from billing.models_stripe import (
+    QueueStorageOverageInput,
+    QueueStorageOverageResult,
+    ReportTuning,
+    SendReportsInput,
+    SendReportsResult,
+    StartPendingReportsInput,
+    StartReportsResult,
+    StorageOverageInput,
+    StorageOverageResult,
+    StripeReportInput,
+    StripeReportResult,
+)
+from workflows.common import DB_RETRY, DB_TIMEOUT
+
+# Pages per run before continuing as new: keeps the history small for any backlog.
+_PAGES_PER_RUN = 200
+# A page is at most page_size Stripe calls of at most 20 s each; heartbeats catch a dead worker far
+# sooner, so this only bounds a page that is alive but stuck.
+_PAGE_TIMEOUT = timedelta(hours=1)
+_START_PAGES_PER_RUN = 100
+
+
+def _send_retry(tuning: ReportTuning) -> RetryPolicy:
+    """Temporal is the one retry layer for Stripe (the SDK's retries are off): back off, never give up,
+    because a row left unsent is unbilled overage. Bad input is the only non-retryable error."""
+    return RetryPolicy(
+        initial_interval=timedelta(seconds=tuning.initial_interval_seconds),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=tuning.maximum_interval_seconds),
+    )
+
+
+@workflow.defn
+class StripeReportWorkflow:
+    """Drains one org's pending outbox rows into Stripe meter events, page by page, oldest first."""
+
+    def __init__(self) -> None:
+        self._rows_queued = False
+
+    @workflow.signal(name="rows_queued")
+    def rows_queued(self) -> None:
+        """A starter queued more rows while this run was going: drain again before completing."""
+        self._rows_queued = True
+
+    @workflow.run
+    async def run(self, request: StripeReportInput) -> StripeReportResult:
+        totals = {
+            "sent": request.sent,
+            "deduplicated": request.deduplicated,
+            "failed": request.failed,
+            "skipped": request.skipped,
+        }
+        last_failure: str | None = None
+        for _ in range(_PAGES_PER_RUN):
+            self._rows_queued = False
+            page: SendReportsResult = await workflow.execute_activity(
+                "send_stripe_reports",
+                SendReportsInput(org_id=request.org_id, page_size=request.tuning.page_size),
+                result_type=SendReportsResult,
+                start_to_close_timeout=_PAGE_TIMEOUT,
+                heartbeat_timeout=timedelta(seconds=request.tuning.heartbeat_timeout_seconds),
+                retry_policy=_send_retry(request.tuning),
+            )
+            for key in totals:
+                totals[key] += getattr(page, key)
+            for failure in page.failures:
+                workflow.logger.warning("org %s: Stripe refused %s", request.org_id, failure)
+                last_failure = failure
+            if not page.stripe_configured:
+                outcome = (
+                    f"STRIPE_API_KEY is not set: {page.pending} reports stay pending (none lost); "
+                    "they are sent in order by the first run after a key is set"
+                )
+                return self._finish(request, totals, page.pending, False, outcome)
+            details = (
+                f"{totals['sent']} sent ({totals['deduplicated']} already in Stripe), "
+                f"{totals['failed']} failed, {totals['skipped']} skipped, {page.pending} pending"
+            )
+            if page.skip_reason:
+                details += f"; skipped because {page.skip_reason}"
+            if last_failure:
+                details += f"; last refusal: {last_failure}"
+            workflow.set_current_details(details)
+            if not page.more and not self._rows_queued:
+                return self._finish(request, totals, page.pending, True, details)
+        workflow.continue_as_new(request.model_copy(update=totals))
+
+    @staticmethod
+    def _finish(
+        request: StripeReportInput, totals: dict[str, int], pending: int, configured: bool, outcome: str
+    ) -> StripeReportResult:
+        workflow.set_current_details(outcome)
+        return StripeReportResult(
+            org_id=request.org_id,
+            hour=request.hour,
+            pending=pending,
+            stripe_configured=configured,
+            outcome=outcome,
+            **totals,
+        )
+
+
+@workflow.defn
+class StorageOverageWorkflow:
+    """Queues the hour's storage overage, then starts the reports of every org with pending rows.
+
+    Starting reports for every org with pending rows (not only those just queued) is also what sends a
+    backlog once STRIPE_API_KEY is set, or after a report gave up on a broken run: within the hour.
+    """
+
+    @workflow.run
+    async def run(self, request: StorageOverageInput) -> StorageOverageResult:
+        hour = request.hour or hour_key(workflow.now())
+        workflow.set_current_details(f"Queueing storage overage of {hour}")
+        queued: QueueStorageOverageResult = await workflow.execute_activity(
+            "queue_storage_overage",
+            QueueStorageOverageInput(hour=hour),
+            result_type=QueueStorageOverageResult,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        started = already = 0
+        configured = True
+        cursor: str | None = None
+        for _ in range(_START_PAGES_PER_RUN):
+            page: StartReportsResult = await workflow.execute_activity(
+                "start_pending_stripe_reports",
+                StartPendingReportsInput(hour=hour, after_org_id=cursor, tuning=request.tuning),
+                result_type=StartReportsResult,
+                start_to_close_timeout=DB_TIMEOUT,
+                retry_policy=DB_RETRY,
+            )
+            started += page.started
+            already += page.already_running
+            configured = page.stripe_configured
+            cursor = page.last_org_id
+            if cursor is None:
+                break
+        # Past the page limit the rest of the orgs wait for the next hour; their rows stay pending.
+        reporting = "" if configured else "; STRIPE_API_KEY is not set, so no reports were started"
+        workflow.set_current_details(
+            f"{hour}: {queued.queued} storage reports queued; reports started for {started} orgs, "
+            f"{already} already running{reporting}"
+        )
+        return StorageOverageResult(
+            hour=hour,
+            queued=queued.queued,
+            reports_started=started,
+            reports_already_running=already,
+            stripe_configured=configured,
+        )
