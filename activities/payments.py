@@ -101,6 +101,7 @@ class PaymentActivities:
                     "subscription_id": request.subscription_id,
                     "payment_status": request.payment_status,
                     "payment_status_reason": request.payment_status_reason,
+                    "columns": request.columns,
                     "recompute": request.recompute_quota,
                     "month": parse_month(request.month),
                 },

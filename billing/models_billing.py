@@ -115,8 +115,22 @@ class OrgBillingRow(Model):
     payment_status_reason: str | None = None
 
 
+BILLING_COLUMNS = (
+    "plan",
+    "pending_plan",
+    "period_end",
+    "subscription_id",
+    "payment_status",
+    "payment_status_reason",
+)
+
+
 class SyncOrgBillingInput(Model):
-    """Write the workflow's view to `organization_billing`; recompute quota flags for `month`."""
+    """Write the workflow's view to `organization_billing`; recompute quota flags for `month`.
+
+    Only the ``columns`` the workflow changed are written (a missing row is created whole), so a
+    plan an operator set meanwhile is not overwritten by an unrelated payment event.
+    """
 
     org_id: str
     plan: Plan
@@ -125,6 +139,7 @@ class SyncOrgBillingInput(Model):
     subscription_id: str | None
     payment_status: PaymentStatus
     payment_status_reason: str | None
+    columns: list[str] = list(BILLING_COLUMNS)
     recompute_quota: bool
     month: str = Field(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")
 

@@ -12,8 +12,10 @@ ALTER TABLE stripe_webhook_events
     ADD CONSTRAINT stripe_webhook_events_status_check
     CHECK (status IN ('received', 'signalled', 'applied', 'unmatched'));
 
--- Writes the org workflow's view of an organization's billing (the whole view, so a retried or
--- repeated call changes nothing more) and, when asked, recomputes its quota flags for p_month.
+-- Writes the columns of an organization's billing row that the org workflow changed (p_columns names
+-- them; values are the workflow's whole view, so a retried or repeated call changes nothing more) and,
+-- when asked, recomputes its quota flags for p_month. Columns the workflow did not change keep what an
+-- operator or the dashboard wrote meanwhile. A missing row is created from the whole view.
 -- Returns how many quota flags the org has afterwards.
 CREATE FUNCTION sync_org_billing(
     p_org uuid,
@@ -23,6 +25,7 @@ CREATE FUNCTION sync_org_billing(
     p_subscription_id text,
     p_payment_status text,
     p_payment_status_reason text,
+    p_columns text[],
     p_recompute boolean,
     p_month date
 )
@@ -42,18 +45,18 @@ BEGIN
     VALUES (p_org, p_plan, p_pending_plan, p_period_end, p_subscription_id,
             p_payment_status, p_payment_status_reason)
     ON CONFLICT (organization_id) DO UPDATE
-        SET plan = EXCLUDED.plan,
-            pending_plan = EXCLUDED.pending_plan,
-            period_end = EXCLUDED.period_end,
-            stripe_subscription_id = EXCLUDED.stripe_subscription_id,
-            payment_status = EXCLUDED.payment_status,
-            payment_status_reason = EXCLUDED.payment_status_reason,
+        SET plan = CASE WHEN 'plan' = ANY (p_columns) THEN EXCLUDED.plan ELSE b.plan END,
+            pending_plan = CASE WHEN 'pending_plan' = ANY (p_columns)
+                                THEN EXCLUDED.pending_plan ELSE b.pending_plan END,
+            period_end = CASE WHEN 'period_end' = ANY (p_columns) THEN EXCLUDED.period_end ELSE b.period_end END,
+            stripe_subscription_id = CASE WHEN 'subscription_id' = ANY (p_columns)
+                                          THEN EXCLUDED.stripe_subscription_id ELSE b.stripe_subscription_id END,
+            payment_status = CASE WHEN 'payment_status' = ANY (p_columns)
+                                  THEN EXCLUDED.payment_status ELSE b.payment_status END,
+            payment_status_reason = CASE WHEN 'payment_status_reason' = ANY (p_columns)
+                                         THEN EXCLUDED.payment_status_reason ELSE b.payment_status_reason END,
             updated_at = now()
-        WHERE (b.plan, b.pending_plan, b.period_end, b.stripe_subscription_id,
-               b.payment_status, b.payment_status_reason)
-              IS DISTINCT FROM
-              (EXCLUDED.plan, EXCLUDED.pending_plan, EXCLUDED.period_end, EXCLUDED.stripe_subscription_id,
-               EXCLUDED.payment_status, EXCLUDED.payment_status_reason);
+        WHERE cardinality(p_columns) > 0;
 
     IF p_recompute THEN
         v_flags := recompute_quota_flags(ARRAY[p_org], p_month);

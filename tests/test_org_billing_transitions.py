@@ -373,3 +373,23 @@ async def test_out_of_order_deliveries(
         await h.settle(org.id)
         assert (await h.billing_row(org.id))["payment_status"] == "ok"
         assert await h.flags(org.id) == set()
+
+
+async def test_a_payment_event_does_not_overwrite_a_plan_an_operator_set_meanwhile(
+    database_url: str, pool: AsyncConnectionPool, client: Client, fake: FakeStripe
+) -> None:
+    org = await paid_org(pool, plan="pro")
+    first = _invoice(org.id, "new", billing_reason="subscription_threshold")
+    async with harness(database_url, pool, client, fake=fake) as h:
+        await h.deliver(sp.invoice_event("invoice.payment_failed", first, created=T0))
+        await h.settle(org.id)
+        # The operator moves the org to team straight in the database (as the dashboard may).
+        async with pool.connection() as conn:
+            await conn.execute(
+                "UPDATE organization_billing SET plan = 'team' WHERE organization_id = %s", [org.id]
+            )
+        await h.deliver(sp.invoice_event("invoice.paid", first, created=T0 + 60))
+        await h.settle(org.id)
+        row = await h.billing_row(org.id)
+    # The workflow wrote what it changed (the status and its reason), not its stale view of the plan.
+    assert (row["payment_status"], row["payment_status_reason"], row["plan"]) == ("ok", None, "team")

@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
     from billing.temporal import ORG_ID, PAYMENT_STATUS
 
 from billing.models_billing import (
+    BILLING_COLUMNS,
     FailedInvoice,
     MarkWebhookEventsInput,
     MarkWebhookEventsResult,
@@ -81,6 +82,18 @@ def reason_text(state: PaymentState) -> str | None:
     return text[:MAX_REASON_CHARS] or None
 
 
+def _billing_view(state: PaymentState) -> dict[str, object]:
+    """The organization_billing columns the workflow owns, as it would write them."""
+    return {
+        "plan": state.plan,
+        "pending_plan": state.pending_plan,
+        "period_end": state.period_end,
+        "subscription_id": state.subscription_id,
+        "payment_status": state.payment_status,
+        "payment_status_reason": reason_text(state),
+    }
+
+
 @workflow.defn
 class OrgBillingWorkflow:
     """The payment state machine of one organization (see the module docstring)."""
@@ -96,8 +109,8 @@ class OrgBillingWorkflow:
         self._operator_request_ids = list(request.operator_request_ids)
         self._last_outcome = ""
         self._max_events_per_run = request.max_events_per_run
-        # payment_status_reason as last written (assumed current when continuing as new).
-        self._written_reason = reason_text(self._state)
+        # The billing row as last written (assumed current when continuing as new).
+        self._written = _billing_view(self._state)
 
     # ---------------------------------------------------------------- signals and query
 
@@ -199,7 +212,7 @@ class OrgBillingWorkflow:
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY,
         )
-        self._written_reason = row.payment_status_reason
+        self._written = {column: getattr(row, column) for column in BILLING_COLUMNS} if row.found else {}
         if not row.found:
             workflow.logger.warning("org %s has no billing row; starting from plan free", self._org_id)
             return
@@ -235,7 +248,7 @@ class OrgBillingWorkflow:
                     -MAX_OPERATOR_REQUEST_IDS:
                 ]
             self._last_outcome = f"operator {action}: {item.operator.reason}"
-        if reason_text(self._state) != self._written_reason:
+        if reason_text(self._state) != self._written.get("payment_status_reason"):
             # The reasons changed without a column the reducer syncs (a second failed invoice while
             # already blocked, a Stripe refusal): keep payment_status_reason current too.
             await self._sync(recompute=False)
@@ -316,8 +329,9 @@ class OrgBillingWorkflow:
         )
 
     async def _sync(self, *, recompute: bool) -> None:
-        """Write the whole billing view and (if asked) recompute quota flags for this UTC month."""
+        """Write what changed of the billing view and (if asked) recompute quota flags for this month."""
         s = self._state
+        view = _billing_view(s)
         await workflow.execute_activity(
             "sync_org_billing",
             SyncOrgBillingInput(
@@ -328,6 +342,7 @@ class OrgBillingWorkflow:
                 subscription_id=s.subscription_id,
                 payment_status=s.payment_status,
                 payment_status_reason=reason_text(s),
+                columns=[column for column in BILLING_COLUMNS if view[column] != self._written.get(column)],
                 recompute_quota=recompute,
                 month=month_key(workflow.now()),
             ),
@@ -335,7 +350,7 @@ class OrgBillingWorkflow:
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY,
         )
-        self._written_reason = reason_text(s)
+        self._written = view
 
     async def _flush_marks(self) -> None:
         """Mark the processed webhook events in PostgreSQL, in one transaction for the batch."""
