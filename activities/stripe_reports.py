@@ -237,7 +237,11 @@ class StripeReportActivities:
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
                 query("orgs_with_pending_reports"),
-                {"after_org_id": request.after_org_id, "page_size": request.page_size},
+                {
+                    "source": request.source,
+                    "after_org_id": request.after_org_id,
+                    "page_size": request.page_size,
+                },
             )
             org_ids = [row["org_id"] for row in await cursor.fetchall()]
         starts = await reporting.start_stripe_reports(

@@ -347,7 +347,8 @@ async def cmd_report_pending(args: argparse.Namespace, settings: Settings) -> in
             while True:
                 rows = await (
                     await conn.execute(
-                        query("orgs_with_pending_reports"), {"after_org_id": cursor, "page_size": 1000}
+                        query("orgs_with_pending_reports"),
+                        {"source": None, "after_org_id": cursor, "page_size": 1000},
                     )
                 ).fetchall()
                 org_ids += [row["org_id"] for row in rows]

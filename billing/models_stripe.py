@@ -57,9 +57,14 @@ class QueueStorageOverageResult(Model):
 
 
 class StartPendingReportsInput(Model):
-    """Start ``stripe-report/{org}/{hour}`` for one page of orgs with pending rows, after a cursor."""
+    """Start ``stripe-report/{org}/{hour}`` for one page of orgs with pending rows, after a cursor.
+
+    ``source`` narrows it to the rows one producer queued (``sync:<batch id>``: what a usage sync
+    calls for the orgs its batch queued overage for).
+    """
 
     hour: str = Field(pattern=HOUR_PATTERN)
+    source: str | None = None
     after_org_id: str | None = None
     page_size: int = Field(default=500, ge=1, le=5000)
     tuning: ReportTuning = ReportTuning()

@@ -10,6 +10,8 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
+from billing.hours import hour_key
+from billing.models_stripe import StartPendingReportsInput, StartReportsResult
 from billing.models_sync import (
     PARTIAL_BATCH_ERROR,
     AdvanceWatermarkInput,
@@ -52,7 +54,33 @@ async def sync_batch(batch_id: str, reset_wait_seconds: float) -> UsageSyncResul
         start_to_close_timeout=DB_TIMEOUT,
         retry_policy=DB_RETRY,
     )
-    return UsageSyncResult(batch_id=batch_id, resets_started=resets.resets_started, **dict(applied))
+    result = UsageSyncResult(batch_id=batch_id, resets_started=resets.resets_started, **dict(applied))
+    if result.overage_reports:
+        await _start_reports(batch_id)
+    return result
+
+
+async def _start_reports(batch_id: str) -> None:
+    """Start ``stripe-report/{org}/{hour}`` for the orgs this batch queued overage for, page by page.
+
+    Without STRIPE_API_KEY nothing starts and the rows wait as pending (the hourly job and
+    ``billing report-pending`` send them once a key is set).
+    """
+    workflow.set_current_details(f"Batch {batch_id}: starting Stripe reports")
+    cursor: str | None = None
+    while True:
+        page: StartReportsResult = await workflow.execute_activity(
+            "start_pending_stripe_reports",
+            StartPendingReportsInput(
+                hour=hour_key(workflow.now()), source=f"sync:{batch_id}", after_org_id=cursor
+            ),
+            result_type=StartReportsResult,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        cursor = page.last_org_id
+        if cursor is None:
+            return
 
 
 def _summary(result: UsageSyncResult) -> str:

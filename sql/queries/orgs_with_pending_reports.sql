@@ -1,7 +1,9 @@
--- One page of orgs that have Stripe reports waiting, in id order, after a cursor.
+-- One page of orgs that have Stripe reports waiting (of one source, e.g. 'sync:<batch>', when given),
+-- in id order, after a cursor.
 SELECT DISTINCT organization_id::text AS org_id
 FROM stripe_report_outbox
 WHERE status = 'pending'
+  AND (%(source)s::text IS NULL OR source = %(source)s::text)
   AND (%(after_org_id)s::uuid IS NULL OR organization_id > %(after_org_id)s::uuid)
 ORDER BY org_id
 LIMIT %(page_size)s
