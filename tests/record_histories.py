@@ -1,7 +1,7 @@
 """Record workflow histories for the replay test: ``python -m tests.record_histories``.
 
-Runs a scenario of the org-billing workflow on its own Temporal dev server and a fresh database, and
-saves the history as ``tests/histories/org_billing.json``. Commit the file: tests/test_replay.py replays
+Runs scenarios of the workflows on their own Temporal dev server and a fresh database, and saves the
+histories as ``tests/histories/<name>.json``. Commit the file: tests/test_replay.py replays
 every history in that folder, so a change that would break running workflows fails the suite. Re-record
 only for a deliberate, versioned change (and keep the old file if old runs may still be open).
 """
@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from billing.db import open_pool
-from billing.ids import org_billing_id
+from billing.ids import monthly_reset_id, org_billing_id, stripe_report_id, usage_sync_id
 from billing.models_billing import OperatorRequest
+from billing.months import month_key, parse_month
 from billing.org_billing import query_org_billing_state
 from billing.temporal import SEARCH_ATTRIBUTES
+from billing.usage_batches import parse_metrics, run_usage_sync, stage_batch
 from tests import stripe_payloads as sp
-from tests.conftest import LOCAL_POSTGRES, VENV_BIN, fresh_database
+from tests.conftest import LOCAL_POSTGRES, VENV_BIN, fresh_database, running_worker
+from tests.factories import make_org
+from tests.report_support import stripe_settings
+from tests.stripe_server import FakeStripe
 from tests.webhook_support import T0, customer_of, harness, paid_org, subscription_of
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
@@ -80,9 +87,74 @@ async def record_org_billing() -> Path:
     return path
 
 
+def _save(name: str, history: WorkflowHistory) -> Path:
+    HISTORIES.mkdir(exist_ok=True)
+    path = HISTORIES / f"{name}.json"
+    path.write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
+    return path
+
+
+async def record_usage_and_reports() -> list[Path]:
+    """A monthly reset, a usage sync of a paid org over its limit, and the Stripe report it starts."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(VENV_BIN / "temporal"),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=pydantic_data_converter,
+        dev_server_log_level="error",
+    )
+    try:
+        with fresh_database(LOCAL_POSTGRES) as url, FakeStripe() as fake:
+            pool = await open_pool(url, max_size=5)
+            try:
+                customer = fake.add_customer()
+                org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+                settings = stripe_settings(url, env.client, fake)
+                now = datetime.now(UTC)
+                this_month, last_month = month_key(now), month_key(now.replace(day=1) - timedelta(days=1))
+                async with pool.connection() as conn:
+                    await conn.execute(
+                        "SELECT increment_project_usage(%s, 'task.created', %s, 10)",
+                        [org.project_ids[0], parse_month(last_month)],
+                    )
+                today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+                batch = parse_metrics(
+                    [
+                        {
+                            "project_id": org.project_ids[0],
+                            "tag": "task.created",
+                            "created_at": today.isoformat(),
+                            "updated_at": now.isoformat(),
+                            "increment": 50_007,
+                        },
+                    ]
+                )
+                async with running_worker(settings, pool, env.client):
+                    await stage_batch(pool, batch)
+                    await run_usage_sync(env.client, settings.task_queue, batch.batch_id)
+                    report_id = stripe_report_id(org.id, now)
+                    report = env.client.get_workflow_handle(report_id)
+                    await report.result()
+                    reset = env.client.get_workflow_handle(monthly_reset_id(org.id, this_month))
+                    await reset.result()
+                    sync = env.client.get_workflow_handle(usage_sync_id(batch.batch_id))
+                    histories = {
+                        "monthly_reset": await reset.fetch_history(),
+                        "usage_sync": await sync.fetch_history(),
+                        "stripe_report": await report.fetch_history(),
+                    }
+                assert fake.total(customer, "agent_tasks") == 7
+            finally:
+                await pool.close()
+    finally:
+        await env.shutdown()
+    return [_save(name, history) for name, history in histories.items()]
+
+
 def main() -> None:
     """Record every history this module knows."""
     print(f"recorded {asyncio.run(record_org_billing())}")
+    for path in asyncio.run(record_usage_and_reports()):
+        print(f"recorded {path}")
 
 
 if __name__ == "__main__":
