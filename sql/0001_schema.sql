@@ -92,16 +92,18 @@ CREATE TABLE counter_checkpoints (
     PRIMARY KEY (project_id, tag, row_created_at)
 );
 
--- Every applied change, one entry per counter row that moved usage, with the batch that applied it:
--- the audit trail finance reconciles against (sum of delta per org, tag and month = org_usage).
--- Append-only; indexed for the questions finance asks (an org's month) and, by BRIN, by time.
+-- Every applied change: what one batch changed of one project's usage of a meter and month, with the
+-- number of counter rows it came from (the rows themselves stay staged under the batch id) and the
+-- value after. The audit trail finance reconciles against: the deltas of an org, meter and month add
+-- up to its org_usage. Append-only; indexed for the question finance asks (an org's month) and, by
+-- BRIN, by time.
 CREATE TABLE usage_ledger (
     batch_id         text NOT NULL,
     organization_id  uuid NOT NULL,
     project_id       uuid NOT NULL,
     tag              text NOT NULL,
     month            date NOT NULL,
-    row_created_at   timestamptz NOT NULL,
+    counter_rows     integer NOT NULL CHECK (counter_rows > 0),
     delta            bigint NOT NULL,
     value_after      bigint NOT NULL,
     applied_at       timestamptz NOT NULL DEFAULT now()

@@ -5,7 +5,8 @@
 -- that batch writes them, under a per-batch advisory lock taken before any other lock, so they sit
 -- outside the lock order of 0003, which apply_usage_batch otherwise follows statement by statement:
 -- monthly_resets -> counter_checkpoints -> project_usage -> org_usage -> organizations
--- -> organization_billing -> quota_flags -> stripe_report_outbox; within a table, by primary key.
+-- -> organization_billing -> quota_flags -> stripe_report_outbox; within a table, by primary key
+-- (counter checkpoints before gauge checkpoints: both in key order, in two statements).
 
 -- One row per staged batch. A second stager of the same batch finds the row and stages nothing.
 CREATE TABLE usage_batches (
@@ -172,105 +173,145 @@ BEGIN
     -- batch holding the same checkpoint and then sees its committed values, so the diff is always
     -- against the newest total, never a stale one. A row that went backwards, or is unchanged, is
     -- locked but not updated (the WHERE), and so not returned.
-    CREATE TEMP TABLE ub_moved ON COMMIT DROP AS
+    CREATE TEMP TABLE ub_moved (
+        project_id uuid, tag text, created_at timestamptz, updated_at timestamptz, total bigint,
+        old_total bigint, kind text, organization_id uuid, month date
+    ) ON COMMIT DROP;
+
+    -- Counters first (a total may only grow), then gauges (a level may fall): two statements, so
+    -- every batch locks all its counter checkpoints, in key order, before its gauge ones.
     WITH moved AS (
         INSERT INTO counter_checkpoints AS c
             (project_id, tag, row_created_at, applied_total, row_updated_at, batch_id)
         SELECT project_id, tag, created_at, total, updated_at, p_batch
         FROM ub_rows
+        WHERE kind = 'counter'
         ORDER BY project_id, tag, created_at
         ON CONFLICT (project_id, tag, row_created_at) DO UPDATE
             SET previous_total = c.applied_total, previous_updated_at = c.row_updated_at,
                 applied_total = EXCLUDED.applied_total, row_updated_at = EXCLUDED.row_updated_at,
                 batch_id = EXCLUDED.batch_id, applied_at = now()
             WHERE EXCLUDED.row_updated_at >= c.row_updated_at
-              AND (EXCLUDED.applied_total >= c.applied_total
-                   OR EXISTS (SELECT 1 FROM meters m WHERE m.tag = c.tag AND m.kind = 'gauge'))
+              AND EXCLUDED.applied_total >= c.applied_total
               AND (EXCLUDED.applied_total, EXCLUDED.row_updated_at) <> (c.applied_total, c.row_updated_at)
-        RETURNING c.project_id, c.tag, c.row_created_at, (c.previous_updated_at IS NULL) AS is_new,
+        RETURNING c.project_id, c.tag, c.row_created_at, c.row_updated_at, c.applied_total,
                   coalesce(c.previous_total, 0) AS old_total
     )
-    SELECT * FROM moved;
+    INSERT INTO ub_moved
+    SELECT v.project_id, v.tag, v.row_created_at, v.row_updated_at, v.applied_total, v.old_total, 'counter',
+           p.organization_id, usage_month('counter', v.row_created_at, v.row_updated_at)
+    FROM moved v
+    JOIN organization_projects p ON p.project_id = v.project_id;
 
-    -- The rows the upsert left alone: rejected when they went backwards, else seen before as they are.
-    -- Their checkpoints are locked by us now, so what we read is what stays.
-    INSERT INTO usage_batch_rejections (batch_id, idx, reason)
-    SELECT p_batch, r.idx,
-           CASE WHEN r.updated_at < c.row_updated_at
-                    THEN format('went backwards: updated_at %s is older than the %s already applied',
-                                r.updated_at, c.row_updated_at)
-                ELSE format('went backwards: total %s is smaller than the %s already applied',
-                            r.total, c.applied_total)
-           END
-    FROM ub_rows r
-    JOIN counter_checkpoints c
-      ON c.project_id = r.project_id AND c.tag = r.tag AND c.row_created_at = r.created_at
-    WHERE NOT EXISTS (SELECT 1 FROM ub_moved v
-                      WHERE v.project_id = r.project_id AND v.tag = r.tag AND v.row_created_at = r.created_at)
-      AND (r.updated_at < c.row_updated_at OR (r.kind = 'counter' AND r.total < c.applied_total))
-    ON CONFLICT DO NOTHING;
+    WITH moved AS (
+        INSERT INTO counter_checkpoints AS c
+            (project_id, tag, row_created_at, applied_total, row_updated_at, batch_id)
+        SELECT project_id, tag, created_at, total, updated_at, p_batch
+        FROM ub_rows
+        WHERE kind = 'gauge'
+        ORDER BY project_id, tag, created_at
+        ON CONFLICT (project_id, tag, row_created_at) DO UPDATE
+            SET previous_total = c.applied_total, previous_updated_at = c.row_updated_at,
+                applied_total = EXCLUDED.applied_total, row_updated_at = EXCLUDED.row_updated_at,
+                batch_id = EXCLUDED.batch_id, applied_at = now()
+            WHERE EXCLUDED.row_updated_at >= c.row_updated_at
+              AND (EXCLUDED.applied_total, EXCLUDED.row_updated_at) <> (c.applied_total, c.row_updated_at)
+        RETURNING c.project_id, c.tag, c.row_created_at, c.row_updated_at, c.applied_total,
+                  coalesce(c.previous_total, 0) AS old_total
+    )
+    INSERT INTO ub_moved
+    SELECT v.project_id, v.tag, v.row_created_at, v.row_updated_at, v.applied_total, v.old_total, 'gauge',
+           p.organization_id, usage_month('gauge', v.row_created_at, v.row_updated_at)
+    FROM moved v
+    JOIN organization_projects p ON p.project_id = v.project_id;
 
-    -- Only the rows that change something go on.
-    CREATE TEMP TABLE ub_applied ON COMMIT DROP AS
-    SELECT r.*, v.is_new, v.old_total
-    FROM ub_rows r
-    JOIN ub_moved v ON v.project_id = r.project_id AND v.tag = r.tag AND v.row_created_at = r.created_at;
+    -- The rows the upsert left alone (none, usually): rejected when they went backwards, else seen
+    -- before as they are. Their checkpoints are locked by us now, so what we read is what stays.
+    IF (SELECT count(*) FROM ub_moved) < (SELECT count(*) FROM ub_rows) THEN
+        INSERT INTO usage_batch_rejections (batch_id, idx, reason)
+        SELECT p_batch, r.idx,
+               CASE WHEN r.updated_at < c.row_updated_at
+                        THEN format('went backwards: updated_at %s is older than the %s already applied',
+                                    r.updated_at, c.row_updated_at)
+                    ELSE format('went backwards: total %s is smaller than the %s already applied',
+                                r.total, c.applied_total)
+               END
+        FROM ub_rows r
+        JOIN counter_checkpoints c
+          ON c.project_id = r.project_id AND c.tag = r.tag AND c.row_created_at = r.created_at
+        WHERE NOT EXISTS (SELECT 1 FROM ub_moved v
+                          WHERE v.project_id = r.project_id AND v.tag = r.tag AND v.created_at = r.created_at)
+          AND (r.updated_at < c.row_updated_at OR (r.kind = 'counter' AND r.total < c.applied_total))
+        ON CONFLICT DO NOTHING;
+    END IF;
 
     -- 6. Per project, meter and month: counters add their growth; a gauge takes its newest level.
     CREATE TEMP TABLE ub_pu ON COMMIT DROP AS
     (SELECT project_id, tag, month, organization_id, false AS is_gauge,
             sum(total - old_total)::bigint AS amount, 0::bigint AS old_value, false AS is_new,
-            NULL::timestamptz AS created_at
-     FROM ub_applied
+            count(*)::integer AS counter_rows
+     FROM ub_moved
      WHERE kind = 'counter' AND total > old_total
      GROUP BY project_id, tag, month, organization_id)
     UNION ALL
     (SELECT DISTINCT ON (project_id, tag) project_id, tag, month, organization_id, true,
-            total, 0::bigint, false, created_at
-     FROM ub_applied
+            total, 0::bigint, false, 1
+     FROM ub_moved
      WHERE kind = 'gauge'
      ORDER BY project_id, tag, updated_at DESC, created_at DESC);
 
-    -- Lock (or create) each usage row in key order in one statement, then read the locked values.
+    -- Counters add their growth in one upsert, in key order; the value after comes back, and the value
+    -- before is that minus the growth.
+    WITH added AS (
+        INSERT INTO project_usage AS u (project_id, tag, month, organization_id, value)
+        SELECT project_id, tag, month, organization_id, amount
+        FROM ub_pu
+        WHERE NOT is_gauge
+        ORDER BY project_id, tag, month
+        ON CONFLICT (project_id, tag, month) DO UPDATE SET value = u.value + EXCLUDED.value, updated_at = now()
+        RETURNING u.project_id, u.tag, u.month, u.value
+    )
+    UPDATE ub_pu t SET old_value = a.value - t.amount
+    FROM added a
+    WHERE NOT t.is_gauge AND t.project_id = a.project_id AND t.tag = a.tag AND t.month = a.month;
+
+    -- Gauges (after the counters, in key order) take their new level: lock or create each row, read
+    -- the level it replaces, then set it.
     WITH inserted AS (
         INSERT INTO project_usage AS u (project_id, tag, month, organization_id, value)
         SELECT project_id, tag, month, organization_id, amount
         FROM ub_pu
+        WHERE is_gauge
         ORDER BY project_id, tag, month
         ON CONFLICT (project_id, tag, month) DO UPDATE SET value = u.value WHERE false
         RETURNING u.project_id, u.tag, u.month
     )
     UPDATE ub_pu t SET is_new = true
     FROM inserted n
-    WHERE t.project_id = n.project_id AND t.tag = n.tag AND t.month = n.month;
+    WHERE t.is_gauge AND t.project_id = n.project_id AND t.tag = n.tag AND t.month = n.month;
 
     UPDATE ub_pu t SET old_value = u.value
     FROM project_usage u
-    WHERE NOT t.is_new AND u.project_id = t.project_id AND u.tag = t.tag AND u.month = t.month;
+    WHERE t.is_gauge AND NOT t.is_new AND u.project_id = t.project_id AND u.tag = t.tag AND u.month = t.month;
 
     UPDATE project_usage u
-    SET value = CASE WHEN t.is_gauge THEN t.amount ELSE t.old_value + t.amount END, updated_at = now()
+    SET value = t.amount, updated_at = now()
     FROM ub_pu t
-    WHERE NOT t.is_new AND u.project_id = t.project_id AND u.tag = t.tag AND u.month = t.month
-      AND (NOT t.is_gauge OR u.value <> t.amount);
+    WHERE t.is_gauge AND NOT t.is_new AND u.project_id = t.project_id AND u.tag = t.tag AND u.month = t.month
+      AND u.value <> t.amount;
 
-    -- 7. The ledger: one entry per row that changed usage, with the project's value after it.
+    -- 7. The ledger: what this batch changed of each project's usage of a meter and month, with how
+    -- many counter rows it came from and the value after. (The rows themselves stay in
+    -- usage_batch_rows under the batch id, so nothing of the detail is lost.)
     INSERT INTO usage_ledger
-        (batch_id, organization_id, project_id, tag, month, row_created_at, delta, value_after)
-    SELECT * FROM (
-        SELECT p_batch, r.organization_id, r.project_id, r.tag, r.month, r.created_at, r.total - r.old_total,
-               t.old_value + sum(r.total - r.old_total)
-                   OVER (PARTITION BY r.project_id, r.tag, r.month ORDER BY r.created_at, r.idx)
-        FROM ub_applied r
-        JOIN ub_pu t ON NOT t.is_gauge AND t.project_id = r.project_id AND t.tag = r.tag AND t.month = r.month
-        WHERE r.kind = 'counter' AND r.total > r.old_total
-        UNION ALL
-        SELECT p_batch, organization_id, project_id, tag, month, created_at, amount - old_value, amount
-        FROM ub_pu
-        WHERE is_gauge AND amount <> old_value
-    ) entries
+        (batch_id, organization_id, project_id, tag, month, counter_rows, delta, value_after)
+    SELECT p_batch, organization_id, project_id, tag, month, counter_rows,
+           CASE WHEN is_gauge THEN amount - old_value ELSE amount END,
+           CASE WHEN is_gauge THEN amount ELSE old_value + amount END
+    FROM ub_pu
+    WHERE amount <> CASE WHEN is_gauge THEN old_value ELSE 0 END
     -- In the order of the org-and-month index: appending to it is far cheaper than scattering.
-    ORDER BY 2, 5;
+    ORDER BY organization_id, month;
 
     -- 8. Org usage moves by the sum of its projects' changes; the upsert returns the value after.
     CREATE TEMP TABLE ub_ou (organization_id uuid, tag text, month date, delta bigint, value_after bigint)
@@ -354,7 +395,7 @@ BEGIN
     INSERT INTO usage_batch_orgs (batch_id, organization_id, rows_applied, overage_reports)
     SELECT p_batch, o.organization_id, coalesce(r.changed, 0), coalesce(q.reports, 0)
     FROM ub_orgs o
-    LEFT JOIN (SELECT organization_id, count(*) AS changed FROM ub_applied
+    LEFT JOIN (SELECT organization_id, count(*) AS changed FROM ub_moved
                WHERE total <> old_total GROUP BY organization_id) r ON r.organization_id = o.organization_id
     LEFT JOIN ub_outbox q ON q.organization_id = o.organization_id
     ORDER BY o.organization_id

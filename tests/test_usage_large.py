@@ -41,7 +41,12 @@ async def test_a_push_of_100000_rows_applies_every_row(
         pool, "SELECT sum(value) FROM org_usage WHERE organization_id = ANY(%s::uuid[])", [org_ids]
     )
     assert applied == sum(r["increment"] for r in rows)
+    # One ledger entry per project, meter and month the batch changed, accounting for every row.
     entries = await fetch_value(
         pool, "SELECT count(*) FROM usage_ledger WHERE organization_id = ANY(%s::uuid[])", [org_ids]
     )
-    assert entries == 100_000
+    counted = await fetch_value(
+        pool, "SELECT sum(counter_rows) FROM usage_ledger WHERE organization_id = ANY(%s::uuid[])", [org_ids]
+    )
+    assert entries == len({(r["project_id"], r["tag"], r["created_at"][:7]) for r in rows})
+    assert counted == 100_000
