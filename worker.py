@@ -13,6 +13,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.payments import PaymentActivities
 from activities.resets import ResetActivities
@@ -65,6 +66,12 @@ def activities(
     ]
 
 
+# The sandbox re-imports a workflow's modules for every workflow run unless they are passed through.
+# These are deterministic (models, pure reducers, ID and month helpers: no I/O, no clock), so sharing
+# them across runs is safe and saves most of the sandbox's CPU per workflow.
+_PASSED_THROUGH = ("pydantic", "pydantic_core", "annotated_types", "billing", "workflows.payment_state")
+
+
 def build_worker(
     settings: Settings, pool: AsyncConnectionPool, client: Client, *, task_queue: str | None = None
 ) -> Worker:
@@ -76,6 +83,9 @@ def build_worker(
         workflows=list(WORKFLOWS),
         activities=activities(settings, pool, client, queue),
         max_concurrent_activities=50,
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*_PASSED_THROUGH)
+        ),
     )
 
 
