@@ -1,16 +1,21 @@
-"""``python -m bench`` (``make bench``): run every benchmark of the project."""
+"""``python -m bench`` (``make bench``): run every benchmark of the project, one process each."""
 
 from __future__ import annotations
 
-import asyncio
+import subprocess
 import sys
 
-from bench import sync
+BENCHMARKS = ("bench.sync", "bench.stripe", "bench.webhooks")
 
 
 def main() -> int:
     """Run the benchmarks one after the other; the exit status is the first failure's."""
-    return asyncio.run(sync.main([]))
+    for module in BENCHMARKS:
+        print(f"== python -m {module}", flush=True)
+        status = subprocess.run([sys.executable, "-m", module], check=False).returncode
+        if status:
+            return status
+    return 0
 
 
 if __name__ == "__main__":
