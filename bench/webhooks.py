@@ -15,26 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from billing.config import Settings
 from billing.db import open_pool
 from billing.org_billing import signal_org_billing
+from billing.scratch import scratch_database, temporal_dev_server
 from billing.stripe_events import parse_event
-from billing.temporal import SEARCH_ATTRIBUTES
 from worker import build_worker
 
-VENV_BIN = Path(sys.executable).parent
 SECRET = "whsec_bench_0123456789"
 T0 = 1_780_000_000
 
@@ -80,16 +74,8 @@ def _pct(values: list[float], q: float) -> float:
 
 async def run(deliveries: int, orgs: int, concurrency: int) -> None:
     """Run the benchmark and print the figures."""
-    from tests.conftest import LOCAL_POSTGRES, fresh_database
-
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(VENV_BIN / "temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
-        dev_server_log_level="error",
-    )
-    try:
-        with fresh_database(os.environ.get("DATABASE_URL") or LOCAL_POSTGRES) as url:
+    async with temporal_dev_server() as env:
+        with scratch_database("bench_webhooks") as url:
             pool = await open_pool(url, max_size=20)
             settings = Settings.load(
                 DATABASE_URL=url,
@@ -164,8 +150,6 @@ async def run(deliveries: int, orgs: int, concurrency: int) -> None:
                 await asyncio.gather(*(raw(i) for i in range(len(bodies))))
                 raw_seconds = time.perf_counter() - start
             await pool.close()
-    finally:
-        await env.shutdown()
 
     n = len(bodies)
     e2e_rate, accept_rate, raw_rate = n / applied, n / accepted, n / raw_seconds

