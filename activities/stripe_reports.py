@@ -49,6 +49,7 @@ from billing.models_stripe import (
     StartStripeReportsInput,
 )
 from billing.sql import query
+from billing.telemetry import STRIPE_REPORTS
 
 # A session left idle in its transaction this long belonged to a worker that vanished without its TCP
 # connection closing; ending it releases the org's lock. Far above one Stripe call's timeout.
@@ -63,6 +64,18 @@ def idempotency_key(identifier: str) -> str:
     """The ``Idempotency-Key`` of a row's meter event: derived from its identifier, so every retry of the
     same row (Temporal's, an operator's, a second worker's) carries the same key."""
     return f"billing-meter-event:{identifier}"
+
+
+def _is_duplicate_identifier(error: stripe.StripeError) -> bool:
+    """Stripe's refusal of a meter event whose identifier it already counted.
+
+    Its documented answer is a 400 saying "An event already exists with identifier ..."; the error code
+    is not documented, so the message is checked too.
+    """
+    message = str(error.user_message or error).lower()
+    return error.code == _ALREADY_EXISTS or (
+        error.http_status == 400 and "already exists" in message and "identifier" in message
+    )
 
 
 def _is_retryable(error: stripe.StripeError) -> bool:
@@ -153,6 +166,8 @@ class StripeReportActivities:
                         reason = f"will retry: {error.http_status or 'no answer'} {_error_message(error)}"
                         outcomes.append((row["id"], "pending", reason, None))
                         break
+                for _, status, _, _ in outcomes:
+                    STRIPE_REPORTS.labels("retry" if status == "pending" else status).inc()
                 await conn.execute(
                     query("report_record"),
                     {
@@ -195,7 +210,7 @@ class StripeReportActivities:
                 {"idempotency_key": idempotency_key(row["identifier"])},
             )
         except stripe.StripeError as error:
-            if error.code == _ALREADY_EXISTS:
+            if _is_duplicate_identifier(error):
                 # An earlier attempt (whose answer was lost, or whose commit was) was counted.
                 note = {"deduplicated": True, "error": error.json_body, "request_id": error.request_id}
                 return "sent", "Stripe already had this identifier: counted once", note

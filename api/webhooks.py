@@ -31,6 +31,7 @@ from billing.org_billing import signal_org_billing
 from billing.sql import query
 from billing.stripe_client import make_stripe_client
 from billing.stripe_events import BillingEvent, MalformedStripeEvent, parse_event
+from billing.telemetry import WEBHOOK_EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,16 @@ class _Transient(Exception):
 
 async def stripe_webhook(request: Request) -> JSONResponse:
     """Verify the Stripe-Signature, record the event and signal the org's workflow."""
+    try:
+        response = await _receive(request)
+    except ApiError as exc:
+        WEBHOOK_EVENTS.labels(str(exc.status)).inc()
+        raise
+    WEBHOOK_EVENTS.labels(str(response.status_code)).inc()
+    return response
+
+
+async def _receive(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     if settings.stripe_webhook_secret is None:
         raise ApiError(503, "STRIPE_WEBHOOK_SECRET is not set: webhooks are not accepted until it is")

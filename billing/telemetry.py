@@ -11,8 +11,12 @@ HTTP_REQUESTS = Counter(
 )
 HTTP_LATENCY = Histogram("billing_http_request_seconds", "HTTP request latency", ["method", "route"])
 USAGE_ROWS = Counter("billing_usage_rows_total", "Counter rows received", ["outcome"])
-WEBHOOK_EVENTS = Counter("billing_webhook_events_total", "Stripe webhook deliveries", ["outcome"])
-STRIPE_REPORTS = Counter("billing_stripe_reports_total", "Stripe meter events by outcome", ["outcome"])
+WEBHOOK_EVENTS = Counter(
+    "billing_webhook_deliveries_total", "Stripe webhook deliveries by answer", ["status"]
+)
+STRIPE_REPORTS = Counter(
+    "billing_stripe_reports_total", "Outbox rows settled by the Stripe reporter", ["outcome"]
+)
 
 
 def tracer_provider() -> TracerProvider:
