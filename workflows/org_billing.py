@@ -56,7 +56,6 @@ from workflows.payment_state import (
     ResolvePlan,
     RevokeDowngrade,
     ScheduleDowngrade,
-    SyncBilling,
     Transition,
     apply_event,
     apply_operator,
@@ -74,6 +73,9 @@ STRIPE_RETRY = RetryPolicy(
 )
 MAX_REASON_CHARS = 1000
 MAX_OPERATOR_REQUEST_IDS = 20
+# A burst of events is written to PostgreSQL once it is drained, and at least every this many events,
+# so a steady stream never holds the billing row (and a block's quota flags) back for long.
+BILLING_WRITE_EVERY = 20
 
 
 def reason_text(state: PaymentState) -> str | None:
@@ -111,6 +113,10 @@ class OrgBillingWorkflow:
         self._max_events_per_run = request.max_events_per_run
         # The billing row as last written (assumed current when continuing as new).
         self._written = _billing_view(self._state)
+        # Whether quota flags must be recomputed at the next write (the billing row itself is
+        # compared with `_written`). Writes wait until the queue is drained: a burst of events for the
+        # org costs one transaction, not one per event.
+        self._recompute_pending = False
 
     # ---------------------------------------------------------------- signals and query
 
@@ -175,13 +181,15 @@ class OrgBillingWorkflow:
             await self._process(item)
             self._events_applied += 1
             self._run_events += 1
-            if not self._queue:
+            if not self._queue or self._run_events % BILLING_WRITE_EVERY == 0:
+                await self._flush_billing()
                 await self._flush_marks()
             self._upsert_payment_status()
             self._show_details()
 
         # Signal handlers only append to the queue; wait for any in flight, then carry the queue over.
         await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._flush_billing()
         await self._flush_marks()
         workflow.continue_as_new(
             OrgBillingInput(
@@ -248,10 +256,6 @@ class OrgBillingWorkflow:
                     -MAX_OPERATOR_REQUEST_IDS:
                 ]
             self._last_outcome = f"operator {action}: {item.operator.reason}"
-        if reason_text(self._state) != self._written.get("payment_status_reason"):
-            # The reasons changed without a column the reducer syncs (a second failed invoice while
-            # already blocked, a Stripe refusal): keep payment_status_reason current too.
-            await self._sync(recompute=False)
 
     async def _run_transition(self, transition: Transition, event: BillingEvent | None) -> None:
         """Adopt a transition's state, then carry out its effects (which may lead to more transitions)."""
@@ -262,9 +266,9 @@ class OrgBillingWorkflow:
             for warning in current.warnings:
                 workflow.logger.warning("org %s: %s", self._org_id, warning)
             effects = list(current.effects)
-            sync = [e for e in effects if isinstance(e, SyncBilling | RecomputeQuota)]
-            if sync:
-                await self._sync(recompute=any(isinstance(e, RecomputeQuota) for e in sync))
+            # The billing row follows the state (written by _flush_billing); flags need asking for.
+            if any(isinstance(e, RecomputeQuota) for e in effects):
+                self._recompute_pending = True
             for effect in effects:
                 follow_up = await self._carry_out(effect, source)
                 if follow_up is not None:
@@ -316,7 +320,7 @@ class OrgBillingWorkflow:
                     "org %s: invoice %s: %s", self._org_id, effect.invoice_id, kind_result.note
                 )
             return apply_resolved_invoice_kind(self._state, event, kind_result.kind)
-        return None  # SyncBilling and RecomputeQuota were done together before the Stripe effects.
+        return None  # SyncBilling and RecomputeQuota: written together by _flush_billing.
 
     async def _stripe_activity(self, name: str, arg: object, result_type: type) -> object:
         return await workflow.execute_activity(
@@ -328,10 +332,15 @@ class OrgBillingWorkflow:
             retry_policy=STRIPE_RETRY,
         )
 
-    async def _sync(self, *, recompute: bool) -> None:
-        """Write what changed of the billing view and (if asked) recompute quota flags for this month."""
+    async def _flush_billing(self) -> None:
+        """Write what changed of the billing view (the row, its reasons) and recompute quota flags for
+        this month if an event asked for it; nothing when nothing changed."""
         s = self._state
         view = _billing_view(s)
+        columns = [column for column in BILLING_COLUMNS if view[column] != self._written.get(column)]
+        recompute = self._recompute_pending
+        if not columns and not recompute:
+            return
         await workflow.execute_activity(
             "sync_org_billing",
             SyncOrgBillingInput(
@@ -342,7 +351,7 @@ class OrgBillingWorkflow:
                 subscription_id=s.subscription_id,
                 payment_status=s.payment_status,
                 payment_status_reason=reason_text(s),
-                columns=[column for column in BILLING_COLUMNS if view[column] != self._written.get(column)],
+                columns=columns,
                 recompute_quota=recompute,
                 month=month_key(workflow.now()),
             ),
@@ -351,6 +360,7 @@ class OrgBillingWorkflow:
             retry_policy=DB_RETRY,
         )
         self._written = view
+        self._recompute_pending = False
 
     async def _flush_marks(self) -> None:
         """Mark the processed webhook events in PostgreSQL, in one transaction for the batch."""
