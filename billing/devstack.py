@@ -162,6 +162,13 @@ async def run_dev(
                 else "(your cluster's UI)"
             )
 
+            env_file = data / "dev.env"
+            env_file.write_text(
+                f"export DATABASE_URL='{database_url}'\n"
+                f"export TEMPORAL_ADDRESS='{temporal_address}'\n"
+                f"export BILLING_API_TOKEN='{dev_settings.require_api_token()}'\n"
+            )
+
             def banner() -> None:
                 print(
                     "billing dev is running\n"
@@ -171,6 +178,7 @@ async def run_dev(
                     f"  API token:    {dev_settings.require_api_token()}\n"
                     f"  PostgreSQL:   {'DATABASE_URL' if settings.database_url else data / 'pg'}"
                     f" ({len(report.applied)} migrations applied now)\n"
+                    f"  CLI:          source {env_file} in another shell, then e.g. .venv/bin/billing status ORG_ID\n"
                     "Ctrl-C stops everything.",
                     flush=True,
                 )

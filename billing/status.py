@@ -81,7 +81,10 @@ async def load_org_status(
         resets = await (await conn.execute(query("org_resets"), params)).fetchall()
     pending = sum(r["reports"] for r in reports if r["status"] == "pending")
     if not stripe_configured and pending:
-        reporting = f"STRIPE_API_KEY is not set: {pending} reports wait in the outbox as pending, none lost"
+        reporting = (
+            f"STRIPE_API_KEY is not set: {pending} report{'s' if pending != 1 else ''} "
+            "wait in the outbox as pending, none lost"
+        )
     elif not stripe_configured:
         reporting = "STRIPE_API_KEY is not set: overage will wait in the outbox until it is"
     else:
