@@ -19,6 +19,11 @@ def describe_url(url: str) -> str:
     return f"{info.get('user', '')}@{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
+# A usage batch is applied through temp tables of about 10 MB per 100,000 rows; PostgreSQL's default
+# 8 MB of temp buffers spills them to disk. Only sessions that use temp tables grow to this size.
+SESSION_OPTIONS = "-c temp_buffers=64MB"
+
+
 async def open_pool(url: str, *, setting: str = "DATABASE_URL", max_size: int = 10) -> AsyncConnectionPool:
     """Open a pool and prove the server answers; ConfigError naming ``setting`` if it does not."""
     # One plain connection first: it fails fast with the server's own message, where the pool would
@@ -31,7 +36,12 @@ async def open_pool(url: str, *, setting: str = "DATABASE_URL", max_size: int = 
             setting, f"PostgreSQL at {describe_url(url)} does not answer ({_first_line(exc)})"
         ) from None
     pool = AsyncConnectionPool(
-        url, min_size=1, max_size=max_size, open=False, kwargs={"row_factory": dict_row}, timeout=10
+        url,
+        min_size=1,
+        max_size=max_size,
+        open=False,
+        kwargs={"row_factory": dict_row, "options": SESSION_OPTIONS},
+        timeout=10,
     )
     try:
         await pool.open(wait=True, timeout=10)
