@@ -13,9 +13,8 @@ from api.auth import require_bearer
 from api.errors import ApiError
 from api.validation import json_body, path_uuid
 from billing.months import current_month, parse_month
-from billing.org_billing import query_org_billing_state
 from billing.sql import query
-from billing.status import list_org_workflows, load_org_status
+from billing.status import add_temporal_view, load_org_status
 
 PlanName = Literal["free", "pro", "team"]
 
@@ -126,6 +125,5 @@ async def _org_response(request: Request, org_id: str, *, with_workflows: bool =
     if status is None:
         raise ApiError(404, f"organization {org_id} does not exist")
     if with_workflows:
-        status.workflows = await list_org_workflows(request.app.state.client, org_id)
-        status.payment_state = await query_org_billing_state(request.app.state.client, org_id)
+        await add_temporal_view(status, request.app.state.client)
     return JSONResponse(status.model_dump(mode="json"))

@@ -114,21 +114,32 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """Print one org's plan, payment status, usage against limits, reports and workflows."""
+    from billing.db import open_pool
+    from billing.errors import ConfigError
     from billing.months import current_month
-    from billing.services import open_services
-    from billing.status import list_org_workflows, load_org_status
+    from billing.status import add_temporal_view, load_org_status
+    from billing.temporal import connect
 
-    async with open_services(settings, pool_size=2) as services:
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
         status = await load_org_status(
-            services.pool,
+            pool,
             args.org_id,
             args.month or current_month(),
             stripe_configured=settings.stripe_api_key is not None,
         )
-        if status is None:
-            raise UserError(f"organization {args.org_id} does not exist")
-        status.workflows = await list_org_workflows(services.client, args.org_id)
-        status.payment_state = await _payment_state(services.client, args.org_id)
+    finally:
+        await pool.close()
+    if status is None:
+        raise UserError(f"organization {args.org_id} does not exist")
+    try:
+        client = await connect(settings)
+    except ConfigError as exc:
+        client = None
+        unreachable = str(exc)
+    await add_temporal_view(status, client)
+    if client is None:
+        status.temporal_error = unreachable
     if args.json:
         print(status.model_dump_json(indent=2))
         return 0
@@ -150,17 +161,14 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         plural = "s" if report.reports != 1 else ""
         print(f"    {report.status}: {report.reports} report{plural}, {report.quantity:,} units{why}")
     print(f"  resets: {', '.join(status.recent_resets) or 'none yet'}")
+    if status.temporal_error:
+        print(f"  workflows and payment state machine: unknown, {status.temporal_error}")
+        return 0
     print("  workflows:")
     for wf in status.workflows:
         print(f"    {wf.status:<11} {wf.workflow_id}")
     _print_payment_state(status.payment_state)
     return 0
-
-
-async def _payment_state(client: Any, org_id: str) -> Any:
-    from billing.org_billing import query_org_billing_state
-
-    return await query_org_billing_state(client, org_id)
 
 
 def _print_payment_state(view: Any) -> None:

@@ -64,6 +64,8 @@ class OrgStatus(BaseModel):
     workflows: list[WorkflowSummary] = []
     # The org-billing workflow's `state` query, when that workflow exists and answers.
     payment_state: OrgBillingView | None = None
+    # Set when Temporal could not be asked: the rest still comes from PostgreSQL.
+    temporal_error: str | None = None
 
 
 async def load_org_status(
@@ -113,3 +115,21 @@ async def list_org_workflows(client: Client, org_id: str, limit: int = 20) -> li
             )
         )
     return found
+
+
+async def add_temporal_view(status: OrgStatus, client: Client | None) -> None:
+    """Fill the org's workflows and payment state machine from Temporal, or say why they are missing.
+
+    An on-call engineer needs the org's numbers most when Temporal is in trouble: its failure never
+    hides what PostgreSQL knows.
+    """
+    from billing.org_billing import query_org_billing_state
+
+    if client is None:
+        status.temporal_error = "Temporal is not reachable"
+        return
+    try:
+        status.workflows = await list_org_workflows(client, status.org_id)
+        status.payment_state = await query_org_billing_state(client, status.org_id)
+    except Exception as exc:
+        status.temporal_error = f"Temporal did not answer ({type(exc).__name__}: {exc})"

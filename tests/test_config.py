@@ -73,3 +73,19 @@ def test_settings_defaults_and_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not settings.is_set("temporal_address")
     with pytest.raises(ConfigError, match=r"^TEMPORAL_ADDRESS: "):
         Settings.load(TEMPORAL_ADDRESS="host:notaport")
+
+
+async def test_status_still_shows_what_postgresql_knows_when_temporal_is_down(
+    database_url: str, pool: object
+) -> None:
+    from tests.factories import make_org
+
+    org = await make_org(pool, plan="pro")  # type: ignore[arg-type]
+    result = billing(["status", org.id], DATABASE_URL=database_url, TEMPORAL_ADDRESS="127.0.0.1:1")
+    assert result.returncode == 0, result.stderr
+    assert "plan: pro" in result.stdout
+    assert "task.created" in result.stdout
+    assert (
+        "workflows and payment state machine: unknown, TEMPORAL_ADDRESS: Temporal at 127.0.0.1:1"
+        in result.stdout
+    )
