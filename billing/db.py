@@ -19,9 +19,12 @@ def describe_url(url: str) -> str:
     return f"{info.get('user', '')}@{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
-# A usage batch is applied through temp tables of about 10 MB per 100,000 rows; PostgreSQL's default
-# 8 MB of temp buffers spills them to disk. Only sessions that use temp tables grow to this size.
-SESSION_OPTIONS = "-c temp_buffers=64MB"
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    # A usage batch is applied through temp tables of about 10 MB per 100,000 rows; PostgreSQL's
+    # default 8 MB of temp buffers spills them to disk. Only sessions that use temp tables grow to
+    # this size. Set per session (not as a startup option, which poolers such as PgBouncer refuse).
+    await conn.execute("SET temp_buffers = '64MB'")
+    await conn.commit()
 
 
 async def open_pool(url: str, *, setting: str = "DATABASE_URL", max_size: int = 10) -> AsyncConnectionPool:
@@ -40,7 +43,8 @@ async def open_pool(url: str, *, setting: str = "DATABASE_URL", max_size: int = 
         min_size=1,
         max_size=max_size,
         open=False,
-        kwargs={"row_factory": dict_row, "options": SESSION_OPTIONS},
+        kwargs={"row_factory": dict_row},
+        configure=_configure,
         timeout=10,
     )
     try:
