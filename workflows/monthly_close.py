@@ -6,7 +6,7 @@ from temporalio import workflow
 
 from billing.models import MonthlyCloseInput, MonthlyCloseResult, StartResetsInput, StartResetsResult
 from billing.months import month_key
-from workflows.common import DB_RETRY, DB_TIMEOUT
+from workflows.common import run_db_activity
 
 # Pages per run before continuing as new: keeps the history small for any number of orgs.
 _PAGES_PER_RUN = 100
@@ -23,12 +23,8 @@ class MonthlyCloseWorkflow:
         started, already = request.started, request.already_started
         for _ in range(_PAGES_PER_RUN):
             workflow.set_current_details(f"Starting resets for {month}: {started} started, {already} existed")
-            page: StartResetsResult = await workflow.execute_activity(
-                "start_monthly_resets",
-                StartResetsInput(month=month, after_org_id=cursor),
-                result_type=StartResetsResult,
-                start_to_close_timeout=DB_TIMEOUT,
-                retry_policy=DB_RETRY,
+            page: StartResetsResult = await run_db_activity(
+                "start_monthly_resets", StartResetsInput(month=month, after_org_id=cursor), StartResetsResult
             )
             started += page.started
             already += page.already_started

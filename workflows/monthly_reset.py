@@ -6,7 +6,7 @@ from temporalio import workflow
 
 from billing.models import MonthlyResetInput, MonthlyResetResult
 from billing.months import previous_month
-from workflows.common import DB_RETRY, DB_TIMEOUT
+from workflows.common import run_db_activity
 
 
 @workflow.defn
@@ -21,13 +21,7 @@ class MonthlyResetWorkflow:
     async def run(self, request: MonthlyResetInput) -> MonthlyResetResult:
         closing = previous_month(request.month)
         workflow.set_current_details(f"Closing {closing} of org {request.org_id}")
-        result: MonthlyResetResult = await workflow.execute_activity(
-            "close_org_month",
-            request,
-            result_type=MonthlyResetResult,
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
-        )
+        result: MonthlyResetResult = await run_db_activity("close_org_month", request, MonthlyResetResult)
         if result.claimed:
             workflow.set_current_details(
                 f"Closed {closing}: {result.tags_closed} meters recorded, {result.flags} quota flags now"

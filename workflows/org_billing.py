@@ -46,7 +46,7 @@ from billing.models_billing import (
 )
 from billing.months import month_key
 from billing.stripe_events import BillingEvent
-from workflows.common import DB_RETRY, DB_TIMEOUT
+from workflows.common import run_db_activity
 from workflows.payment_state import (
     Effect,
     OperatorBlock,
@@ -213,12 +213,8 @@ class OrgBillingWorkflow:
         as an operator block, lifted by `billing unblock`; a `past_due` one cannot be tied to an invoice
         and is left to the next plan invoice's events.
         """
-        row: OrgBillingRow = await workflow.execute_activity(
-            "load_org_billing",
-            OrgRef(org_id=self._org_id),
-            result_type=OrgBillingRow,
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
+        row: OrgBillingRow = await run_db_activity(
+            "load_org_billing", OrgRef(org_id=self._org_id), OrgBillingRow
         )
         self._written = {column: getattr(row, column) for column in BILLING_COLUMNS} if row.found else {}
         if not row.found:
@@ -341,7 +337,7 @@ class OrgBillingWorkflow:
         recompute = self._recompute_pending
         if not columns and not recompute:
             return
-        await workflow.execute_activity(
+        await run_db_activity(
             "sync_org_billing",
             SyncOrgBillingInput(
                 org_id=self._org_id,
@@ -355,9 +351,7 @@ class OrgBillingWorkflow:
                 recompute_quota=recompute,
                 month=month_key(workflow.now()),
             ),
-            result_type=SyncOrgBillingResult,
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
+            SyncOrgBillingResult,
         )
         self._written = view
         self._recompute_pending = False
@@ -367,12 +361,10 @@ class OrgBillingWorkflow:
         if not self._unmarked:
             return
         outcomes, self._unmarked = self._unmarked, {}
-        await workflow.execute_activity(
+        await run_db_activity(
             "mark_webhook_events",
             MarkWebhookEventsInput(org_id=self._org_id, outcomes=outcomes),
-            result_type=MarkWebhookEventsResult,
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
+            MarkWebhookEventsResult,
         )
 
     # ---------------------------------------------------------------- visibility

@@ -24,7 +24,7 @@ from billing.models_stripe import (
     StripeReportInput,
     StripeReportResult,
 )
-from workflows.common import DB_RETRY, DB_TIMEOUT
+from workflows.common import run_db_activity
 
 # Pages per run before continuing as new: keeps the history small for any backlog.
 _PAGES_PER_RUN = 200
@@ -126,23 +126,17 @@ class StorageOverageWorkflow:
     async def run(self, request: StorageOverageInput) -> StorageOverageResult:
         hour = request.hour or hour_key(workflow.now())
         workflow.set_current_details(f"Queueing storage overage of {hour}")
-        queued: QueueStorageOverageResult = await workflow.execute_activity(
-            "queue_storage_overage",
-            QueueStorageOverageInput(hour=hour),
-            result_type=QueueStorageOverageResult,
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
+        queued: QueueStorageOverageResult = await run_db_activity(
+            "queue_storage_overage", QueueStorageOverageInput(hour=hour), QueueStorageOverageResult
         )
         started = already = 0
         configured = True
         cursor: str | None = None
         for _ in range(_START_PAGES_PER_RUN):
-            page: StartReportsResult = await workflow.execute_activity(
+            page: StartReportsResult = await run_db_activity(
                 "start_pending_stripe_reports",
                 StartPendingReportsInput(hour=hour, after_org_id=cursor, tuning=request.tuning),
-                result_type=StartReportsResult,
-                start_to_close_timeout=DB_TIMEOUT,
-                retry_policy=DB_RETRY,
+                StartReportsResult,
             )
             started += page.started
             already += page.already_running

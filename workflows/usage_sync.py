@@ -27,7 +27,7 @@ from billing.models_sync import (
     UsageSyncInput,
     UsageSyncResult,
 )
-from workflows.common import DB_RETRY, DB_TIMEOUT
+from workflows.common import DB_RETRY, DB_TIMEOUT, run_db_activity
 
 # The reset check waits for workflows; it heartbeats so a lost worker is noticed in this time.
 _RESET_HEARTBEAT = timedelta(seconds=30)
@@ -47,12 +47,8 @@ async def sync_batch(batch_id: str, reset_wait_seconds: float) -> UsageSyncResul
         retry_policy=DB_RETRY,
     )
     workflow.set_current_details(f"Batch {batch_id}: applying")
-    applied: ApplyBatchResult = await workflow.execute_activity(
-        "apply_usage_batch",
-        ApplyBatchInput(batch_id=batch_id),
-        result_type=ApplyBatchResult,
-        start_to_close_timeout=DB_TIMEOUT,
-        retry_policy=DB_RETRY,
+    applied: ApplyBatchResult = await run_db_activity(
+        "apply_usage_batch", ApplyBatchInput(batch_id=batch_id), ApplyBatchResult
     )
     result = UsageSyncResult(batch_id=batch_id, resets_started=resets.resets_started, **dict(applied))
     if result.overage_reports:
@@ -69,14 +65,12 @@ async def _start_reports(batch_id: str) -> None:
     workflow.set_current_details(f"Batch {batch_id}: starting Stripe reports")
     cursor: str | None = None
     while True:
-        page: StartReportsResult = await workflow.execute_activity(
+        page: StartReportsResult = await run_db_activity(
             "start_pending_stripe_reports",
             StartPendingReportsInput(
                 hour=hour_key(workflow.now()), source=f"sync:{batch_id}", after_org_id=cursor
             ),
-            result_type=StartReportsResult,
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
+            StartReportsResult,
         )
         cursor = page.last_org_id
         if cursor is None:
@@ -142,12 +136,10 @@ class PullUsageSyncWorkflow:
             sync = await sync_batch(staged.batch_id, request.reset_wait_seconds)
         watermark = None
         if sync is None or not sync.orgs_skipped:
-            advanced: AdvanceWatermarkResult = await workflow.execute_activity(
+            advanced: AdvanceWatermarkResult = await run_db_activity(
                 "advance_pull_watermark",
                 AdvanceWatermarkInput(watermark=staged.window_to),
-                result_type=AdvanceWatermarkResult,
-                start_to_close_timeout=DB_TIMEOUT,
-                retry_policy=DB_RETRY,
+                AdvanceWatermarkResult,
             )
             watermark = advanced.watermark
         message = f"read {staged.rows_read} rows" + (f"; {_summary(sync)}" if sync else "")
