@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime
 
+from billing.clock import utcnow
+
 _MONTH = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 
 
@@ -32,4 +34,4 @@ def previous_month(month: str) -> str:
 
 def current_month(now: datetime | None = None) -> str:
     """The UTC month of ``now`` (default: the wall clock; never call it without ``now`` in a workflow)."""
-    return month_key(now or datetime.now(UTC))
+    return month_key(now or utcnow())
