@@ -46,7 +46,7 @@ class UsageSyncInput(Model):
 
 
 class SkippedOrg(Model):
-    """An org whose rows a batch did not apply, because ``month`` could not be opened for it."""
+    """An org whose rows of ``month`` (and later) a batch held back: the month is not opened for it yet."""
 
     org_id: str
     month: str
@@ -77,7 +77,8 @@ class ApplyBatchInput(Model):
 class ApplyBatchResult(Model):
     """What the batch did so far, read back from PostgreSQL (the same on any retry).
 
-    ``rows_applied``: rows that changed usage; ``rows_pending``: valid rows of skipped orgs.
+    ``rows_applied``: rows that changed usage; ``rows_pending``: valid rows held back (months not yet
+    opened for their org); ``orgs_skipped``: orgs with rows held back.
     """
 
     rows_received: int

@@ -11,13 +11,14 @@ CREATE FUNCTION usage_row_skew() RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT interval '5 minutes' $$;
 
 -- Why a staged row can never apply, or NULL when it may. One definition for the apply and for the
--- reset check, so a row the apply rejects never opens a month. p_now is billing_now() (passed in so
--- the function stays immutable and inlinable over 100,000 rows).
+-- reset check, so a row the apply rejects never opens a month. p_now is billing_now(), read once by
+-- the caller. A plain SQL function, STABLE like the format()/to_char() in it, so the planner inlines
+-- it into the statement over 100,000 rows instead of calling it per row.
 CREATE FUNCTION usage_row_problem(
     p_tag text, p_known_tag boolean, p_project_id uuid, p_known_project boolean, p_kind text,
     p_created_at timestamptz, p_updated_at timestamptz, p_total bigint, p_now timestamptz
 ) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE
         WHEN NOT p_known_tag THEN format('unknown tag "%s"', left(p_tag, 100))
         WHEN NOT p_known_project THEN format('unknown project %s', p_project_id)

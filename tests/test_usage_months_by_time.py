@@ -267,7 +267,9 @@ async def test_a_sync_blocked_while_the_reset_commits_flags_against_the_month_th
     conn = await _session(database_url, NOV_15)
     async with conn, conn.transaction():
         await conn.execute(query("apply_usage_batch"), {"batch_id": crossing})
-    assert await flags(pool, org.id) == [(a, "task.created", "over_limit"), (b, "task.created", "over_limit")]
+    assert await flags(pool, org.id) == sorted(
+        [(a, "task.created", "over_limit"), (b, "task.created", "over_limit")]
+    )
     assert await fetch_value(
         pool, "SELECT array_agg(DISTINCT month) FROM quota_flags WHERE organization_id = %s", [org.id]
     ) == [date(2026, 11, 1)]
@@ -408,4 +410,3 @@ async def test_a_push_answers_503_within_its_bound_and_the_same_body_later_reads
     assert await org_usage(pool, org.id, "task.created", month_start(utc_now())) == 3
     again = await client.get_workflow_handle(usage_sync_id(batch_id)).describe()
     assert again.run_id == run.run_id and again.status == WorkflowExecutionStatus.COMPLETED
-

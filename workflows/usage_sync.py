@@ -92,9 +92,9 @@ def _summary(result: UsageSyncResult) -> str:
 class UsageSyncWorkflow:
     """One batch, exactly once: its ID is ``usage-sync/{batch}`` and a completed run is never rerun.
 
-    When orgs had to be skipped (their monthly reset did not complete), the run fails on purpose with
-    the result as details: the batch is not done, and a retried push of it may run it again, which
-    then applies only the orgs still missing.
+    When rows had to be held back (their org's month is not opened: its monthly reset did not
+    complete), the run fails on purpose with the result as details: the batch is not done, and a
+    retried push of it may run it again, which then applies only the months still missing.
     """
 
     @workflow.run
