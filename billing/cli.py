@@ -270,7 +270,9 @@ async def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
     except MonthNotBegun as exc:
         raise UserError(str(exc)) from None
     client = await connect(settings)
-    outcome = await start_monthly_reset(client, settings.task_queue, args.org_id, args.month, check_month=False)
+    outcome = await start_monthly_reset(
+        client, settings.task_queue, args.org_id, args.month, check_month=False
+    )
     handle = client.get_workflow_handle(outcome.workflow_id, result_type=MonthlyResetResult)
     if not outcome.started and outcome.status == WorkflowExecutionStatus.RUNNING:
         result = {"workflow_id": outcome.workflow_id, "outcome": "already in progress"}
@@ -302,7 +304,12 @@ async def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
         else ""
     )
     _print(
-        {"workflow_id": outcome.workflow_id, "outcome": verdict, "rerun": outcome.rerun, **reset.model_dump()},
+        {
+            "workflow_id": outcome.workflow_id,
+            "outcome": verdict,
+            "rerun": outcome.rerun,
+            **reset.model_dump(),
+        },
         args.json,
         text,
     )
