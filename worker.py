@@ -53,6 +53,7 @@ def activities(
         usage.apply_usage_batch,
         usage.stage_pull_batch,
         usage.advance_pull_watermark,
+        usage.pull_batches_ready,
         payments.load_org_billing,
         payments.sync_org_billing,
         payments.mark_webhook_events,

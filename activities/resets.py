@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client
 
 from billing.models import MonthlyResetInput, MonthlyResetResult, StartResetsInput, StartResetsResult
+from billing.models_sync import input_error
 from billing.months import month_key, parse_month, previous_month
 from billing.sql import query
 from billing.temporal import start_monthly_reset
@@ -29,13 +31,21 @@ class ResetActivities:
     async def close_org_month(self, request: MonthlyResetInput) -> MonthlyResetResult:
         """Claim and close one org's month in one transaction (see ``close_org_month`` in sql/).
 
-        A retry after a commit whose answer was lost finds the claim taken and changes nothing.
+        A retry after a commit whose answer was lost finds the claim taken and changes nothing. A month
+        that has not begun by the database clock is refused, non-retryably.
         """
-        async with self.pool.connection() as conn:
-            cursor = await conn.execute(
-                query("close_org_month"), {"org_id": request.org_id, "month": parse_month(request.month)}
-            )
-            row = await cursor.fetchone()
+        try:
+            month = parse_month(request.month)
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(
+                    query("close_org_month"), {"org_id": request.org_id, "month": month}
+                )
+                row = await cursor.fetchone()
+        except (ValueError, psycopg.errors.DataError) as exc:
+            # A month that has not begun (SQLSTATE 22023) or a malformed one: no retry can fix it.
+            raise input_error(
+                f"monthly reset of org {request.org_id} for {request.month} refused: {exc}"
+            ) from None
         assert row is not None
         return MonthlyResetResult(
             org_id=request.org_id,
@@ -64,7 +74,9 @@ class ResetActivities:
 
         async def start(org_id: str) -> bool:
             async with gate:
-                outcome = await start_monthly_reset(self.client, self.task_queue, org_id, request.month)
+                outcome = await start_monthly_reset(
+                    self.client, self.task_queue, org_id, request.month, check_month=False
+                )
                 return outcome.started
 
         started = await asyncio.gather(*(start(org_id) for org_id in org_ids))

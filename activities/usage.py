@@ -8,7 +8,7 @@ already applied diffs to nothing.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -27,7 +27,10 @@ from billing.models_sync import (
     EnsureResetsResult,
     PullStageInput,
     PullStageResult,
+    ReadyBatchesInput,
+    ReadyBatchesResult,
     SkippedOrg,
+    input_error,
 )
 from billing.months import parse_month
 from billing.sql import query
@@ -50,6 +53,14 @@ _FAILED = {
 }
 
 
+def _month_of(month: str) -> date:
+    """The first day of ``month``; a month SQL should never produce is an input error, not a retry."""
+    try:
+        return parse_month(month)
+    except ValueError as exc:
+        raise input_error(str(exc)) from None
+
+
 class UsageActivities:
     """The side effects of ``usage-sync/{batch}`` and of pull mode."""
 
@@ -63,7 +74,7 @@ class UsageActivities:
 
     async def _settle_reset(self, org_id: str, month: str) -> tuple[bool, str | None]:
         """Start (or find) ``monthly-reset/{org}/{month}`` and wait for it: (started now, failure)."""
-        outcome = await start_monthly_reset(self.client, self.task_queue, org_id, month)
+        outcome = await start_monthly_reset(self.client, self.task_queue, org_id, month, check_month=False)
         if outcome.status in _FAILED:
             return outcome.started, f"{outcome.workflow_id} {_FAILED[outcome.status]}"
         if outcome.status == WorkflowExecutionStatus.COMPLETED:
@@ -131,7 +142,7 @@ class UsageActivities:
                     {
                         **params,
                         "org_ids": org_ids,
-                        "months": [parse_month(skips[org][0]) for org in org_ids],
+                        "months": [_month_of(skips[org][0]) for org in org_ids],
                         "reasons": [skips[org][1] for org in org_ids],
                     },
                 )
@@ -154,6 +165,9 @@ class UsageActivities:
                 if attempt == _APPLY_ATTEMPTS:
                     raise
                 activity.logger.warning("apply of batch %s retried after a lock conflict", request.batch_id)
+            except psycopg.errors.DataError as exc:
+                # A value the database cannot take (out of range, malformed): retrying cannot help.
+                raise input_error(f"batch {request.batch_id} cannot be applied: {exc}") from None
         assert row is not None
         return ApplyBatchResult(**row, skipped_orgs=[SkippedOrg(**skip) for skip in skipped])
 
@@ -211,6 +225,17 @@ class UsageActivities:
             window_from=window_from,
             window_to=window_to,
         )
+
+    @activity.defn(name="pull_batches_ready")
+    async def pull_batches_ready(self, request: ReadyBatchesInput) -> ReadyBatchesResult:
+        """Held-back pull batches whose orgs' months have been opened since (see pull_batches_ready.sql)."""
+        async with self.pool.connection() as conn:
+            rows = await (
+                await conn.execute(
+                    query("pull_batches_ready"), {"current": request.current, "limit": request.limit}
+                )
+            ).fetchall()
+        return ReadyBatchesResult(batch_ids=[row["batch_id"] for row in rows])
 
     @activity.defn(name="advance_pull_watermark")
     async def advance_pull_watermark(self, request: AdvanceWatermarkInput) -> AdvanceWatermarkResult:

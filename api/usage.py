@@ -9,6 +9,7 @@ from typing import Any
 from opentelemetry import trace
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
 from api.auth import require_bearer
@@ -16,7 +17,16 @@ from api.errors import ApiError
 from api.validation import path_uuid
 from billing.sql import query
 from billing.telemetry import USAGE_ROWS
-from billing.usage_batches import MAX_ROWS, batch_answer, parse_metrics, run_usage_sync, stage_batch
+from billing.usage_batches import (
+    MAX_ROWS,
+    BatchRefused,
+    SyncStillRunning,
+    batch_answer,
+    held_back_of,
+    parse_metrics,
+    run_usage_sync,
+    stage_batch,
+)
 
 # 100,000 rows of the contract's shape fit in about 25 MB; refuse bodies far beyond that before
 # reading them whole, whatever Content-Length claims.
@@ -26,6 +36,8 @@ _QUOTA_WRITES = re.compile(r"^/api/v1/(session/[^/]+/messages|disk/[^/]+/artifac
 # How long a push waits for the monthly resets its rows need before it skips their orgs; a deployment
 # (or a test) may set ``app.state.reset_wait_seconds``.
 RESET_WAIT_SECONDS = 60.0
+# When a push that could not apply everything should come again (503 Retry-After).
+RETRY_AFTER_SECONDS = 60
 
 
 async def _read_body(request: Request) -> bytes:
@@ -63,7 +75,10 @@ def _metrics_of(raw: bytes) -> list[dict[str, Any]]:
 async def post_metrics(request: Request) -> JSONResponse:
     """Stage the pushed rows under their content hash, run ``usage-sync/{hash}``, answer its outcome.
 
-    The same rows pushed again are the same batch: staged once, applied once, answered alike.
+    200 ``{"quota", "rejected"}`` only when every row was applied or rejected. 503 with Retry-After and
+    the same body plus ``held_back`` (what and why) and ``batch_id`` when rows were held back (their
+    org's new month is not opened yet) or the run did not finish within BILLING_PUSH_ANSWER_SECONDS.
+    The same rows pushed again are the same batch: staged once, each row applied once.
     """
     require_bearer(request)
     metrics = _metrics_of(await _read_body(request))
@@ -84,16 +99,32 @@ async def post_metrics(request: Request) -> JSONResponse:
             settings.task_queue,
             batch.batch_id,
             reset_wait_seconds=getattr(request.app.state, "reset_wait_seconds", RESET_WAIT_SECONDS),
+            answer_within=settings.push_answer_seconds,
         )
-    except RPCError as exc:
-        raise ApiError(
-            503, f"could not run usage-sync/{batch.batch_id} ({exc.message}); retry the push"
-        ) from None
+    except SyncStillRunning as exc:
+        # The run goes on; the same body pushed again joins it (or reads its result back).
+        answer = await batch_answer(pool, batch.batch_id)
+        held = [{"org_id": None, "month": None, "reason": str(exc)}]
+        return _not_yet_applied(batch.batch_id, answer, held)
+    except BatchRefused as exc:
+        raise ApiError(400, f"usage-sync/{batch.batch_id} refused the batch: {exc}") from None
+    except (RPCError, WorkflowFailureError) as exc:
+        reason = exc.message if isinstance(exc, RPCError) else str(exc.cause or exc)
+        raise ApiError(503, f"could not run usage-sync/{batch.batch_id} ({reason}); retry the push") from None
     answer: dict[str, Any] = await batch_answer(pool, batch.batch_id)
-    if result.skipped_orgs:
-        # Not rejected: these rows are applied by a retried push of this batch or by the next sync.
-        answer["skipped"] = [skip.model_dump() for skip in result.skipped_orgs]
+    if result.orgs_skipped:
+        # Not rejected: these rows apply when the same body is pushed again after their month opened.
+        return _not_yet_applied(batch.batch_id, answer, await held_back_of(pool, batch.batch_id))
     return JSONResponse(answer)
+
+
+def _not_yet_applied(batch_id: str, answer: dict[str, Any], held_back: list[dict[str, Any]]) -> JSONResponse:
+    """503 with Retry-After: the body answered so far, the batch id, and what was held back and why."""
+    return JSONResponse(
+        {**answer, "held_back": held_back, "batch_id": batch_id},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 async def get_quota(request: Request) -> JSONResponse:

@@ -10,6 +10,7 @@ import sys
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any, NoReturn
 
 from billing.config import Settings
@@ -237,15 +238,41 @@ async def cmd_unblock(args: argparse.Namespace, settings: Settings) -> int:
     return await _operator(args, settings, "operator_unblock")
 
 
+async def _clock_now(settings: Settings) -> datetime:
+    """The database clock (``billing_now()``) when DATABASE_URL is set, else this machine's UTC clock."""
+    from billing.clock import utcnow
+
+    if not settings.database_url:
+        return utcnow()
+    import psycopg
+
+    try:
+        async with await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=10) as conn:
+            row = await (await conn.execute("SELECT billing_now()")).fetchone()
+    except psycopg.Error:
+        return utcnow()  # the reset itself reports an unreachable database; the SQL claim checks again
+    return row[0] if row else utcnow()
+
+
 async def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
-    """Start (or find) ``monthly-reset/{org}/{month}`` and report what happened."""
-    from temporalio.client import WorkflowExecutionStatus
+    """Start (or find) ``monthly-reset/{org}/{month}`` and report what happened.
+
+    A month after the current UTC month is refused (exit 2); a reset whose run did not complete
+    (failed, terminated, cancelled, timed out) is run again, and the output says so.
+    """
+    from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 
     from billing.models import MonthlyResetResult
-    from billing.temporal import connect, start_monthly_reset
+    from billing.temporal import MonthNotBegun, connect, refuse_unbegun_month, start_monthly_reset
 
+    try:
+        refuse_unbegun_month(args.month, await _clock_now(settings))
+    except MonthNotBegun as exc:
+        raise UserError(str(exc)) from None
     client = await connect(settings)
-    outcome = await start_monthly_reset(client, settings.task_queue, args.org_id, args.month)
+    outcome = await start_monthly_reset(
+        client, settings.task_queue, args.org_id, args.month, check_month=False
+    )
     handle = client.get_workflow_handle(outcome.workflow_id, result_type=MonthlyResetResult)
     if not outcome.started and outcome.status == WorkflowExecutionStatus.RUNNING:
         result = {"workflow_id": outcome.workflow_id, "outcome": "already in progress"}
@@ -258,21 +285,34 @@ async def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
         result = {"workflow_id": outcome.workflow_id, "outcome": "already done"}
         _print(result, args.json, f"{outcome.workflow_id}: already done")
         return 0
+    rerun = " (rerun: the previous run did not complete)" if outcome.rerun else ""
     if args.no_wait:
         _print(
-            {"workflow_id": outcome.workflow_id, "outcome": "started"},
+            {"workflow_id": outcome.workflow_id, "outcome": "started", "rerun": outcome.rerun},
             args.json,
-            f"{outcome.workflow_id}: started",
+            f"{outcome.workflow_id}: started{rerun}",
         )
         return 0
-    reset = await handle.result()
+    try:
+        reset = await handle.result()
+    except WorkflowFailureError as exc:
+        raise UserError(f"{outcome.workflow_id} failed: {exc.cause or exc}") from None
     verdict = "done" if reset.claimed else "already done"
-    text = f"{outcome.workflow_id}: {verdict}" + (
+    text = f"{outcome.workflow_id}: {verdict}{rerun}" + (
         f"; closed {reset.closed_month} ({reset.tags_closed} meters), {reset.flags} quota flags"
         if reset.claimed
         else ""
     )
-    _print({"workflow_id": outcome.workflow_id, "outcome": verdict, **reset.model_dump()}, args.json, text)
+    _print(
+        {
+            "workflow_id": outcome.workflow_id,
+            "outcome": verdict,
+            "rerun": outcome.rerun,
+            **reset.model_dump(),
+        },
+        args.json,
+        text,
+    )
     return 0
 
 

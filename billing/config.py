@@ -20,6 +20,7 @@ _ENV_NAMES = {
     "stripe_api_base": "STRIPE_API_BASE",
     "stripe_webhook_secret": "STRIPE_WEBHOOK_SECRET",
     "metrics_source_url": "BILLING_METRICS_SOURCE_URL",
+    "push_answer_seconds": "BILLING_PUSH_ANSWER_SECONDS",
 }
 
 
@@ -51,6 +52,8 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = Field(None, alias="STRIPE_API_BASE")
     stripe_webhook_secret: SecretStr | None = Field(None, alias="STRIPE_WEBHOOK_SECRET")
     metrics_source_url: str | None = Field(None, alias="BILLING_METRICS_SOURCE_URL")
+    # How long POST /v1/metrics waits for its batch's workflow before answering 503 (the run goes on).
+    push_answer_seconds: float = Field(60.0, alias="BILLING_PUSH_ANSWER_SECONDS", gt=0, le=3600)
 
     _check_urls = field_validator("database_url", "metrics_source_url")(_postgres_url)
     _check_addrs = field_validator("temporal_address", "http_addr")(_host_port)

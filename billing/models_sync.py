@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from pydantic import Field
+from temporalio.exceptions import ApplicationError
 
 from billing.models import Model
 
@@ -16,6 +17,14 @@ MAX_LISTED_SKIPS = 100
 # The workflow of a batch that left orgs out fails with this error type and its result as details, so
 # a retried push of the same batch may run it again (see billing.usage_batches.run_usage_sync).
 PARTIAL_BATCH_ERROR = "UsageBatchPartiallyApplied"
+# An activity whose input can never work (a month that has not begun, a value out of range) fails with
+# this non-retryable error type and the reason, instead of being retried forever.
+INPUT_ERROR = "InvalidInput"
+
+
+def input_error(reason: str) -> ApplicationError:
+    """The non-retryable failure of an activity whose input is wrong; ``reason`` says why."""
+    return ApplicationError(reason, type=INPUT_ERROR, non_retryable=True)
 
 
 class PullSyncInput(Model):
@@ -37,7 +46,7 @@ class UsageSyncInput(Model):
 
 
 class SkippedOrg(Model):
-    """An org whose rows a batch did not apply, because ``month`` could not be opened for it."""
+    """An org whose rows of ``month`` (and later) a batch held back: the month is not opened for it yet."""
 
     org_id: str
     month: str
@@ -68,7 +77,8 @@ class ApplyBatchInput(Model):
 class ApplyBatchResult(Model):
     """What the batch did so far, read back from PostgreSQL (the same on any retry).
 
-    ``rows_applied``: rows that changed usage; ``rows_pending``: valid rows of skipped orgs.
+    ``rows_applied``: rows that changed usage; ``rows_pending``: valid rows held back (months not yet
+    opened for their org); ``orgs_skipped``: orgs with rows held back.
     """
 
     rows_received: int
@@ -125,3 +135,17 @@ class PullSyncResult(Model):
     rows_read: int = 0
     watermark: datetime | None = None
     sync: UsageSyncResult | None = None
+    reruns: list[UsageSyncResult] = []
+
+
+class ReadyBatchesInput(Model):
+    """Find up to ``limit`` held-back pull batches (other than ``current``) that can apply more now."""
+
+    current: str
+    limit: int = Field(default=20, ge=1, le=1_000)
+
+
+class ReadyBatchesResult(Model):
+    """Pull batches to run again, oldest first."""
+
+    batch_ids: list[str] = []

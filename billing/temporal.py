@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
@@ -33,6 +33,7 @@ from billing.config import Settings
 from billing.errors import ConfigError
 from billing.ids import monthly_reset_id
 from billing.models import MonthlyCloseInput, MonthlyResetInput
+from billing.months import current_month, parse_month
 
 ORG_ID = SearchAttributeKey.for_keyword("BillingOrgId")
 MONTH = SearchAttributeKey.for_keyword("BillingMonth")
@@ -143,33 +144,87 @@ async def ensure_schedules(client: Client, task_queue: str) -> list[str]:
 
 @dataclass(frozen=True)
 class ResetStart:
-    """The outcome of asking for a monthly reset: started now, or which state the existing one is in."""
+    """The outcome of asking for a monthly reset: started now, or which state the existing one is in.
+
+    ``rerun``: started now again after a run that did not complete (failed, terminated, cancelled,
+    timed out).
+    """
 
     workflow_id: str
     started: bool
     status: WorkflowExecutionStatus | None
+    rerun: bool = False
 
 
-async def start_monthly_reset(client: Client, task_queue: str, org_id: str, month: str) -> ResetStart:
-    """Start ``monthly-reset/{org}/{month}`` unless it exists; its ID may never be reused.
+# A reset run in one of these states did not complete: it may run again (the SQL claim still makes
+# a completed reset once-only, even after Temporal has forgotten it).
+RESET_NOT_COMPLETED = {
+    WorkflowExecutionStatus.FAILED,
+    WorkflowExecutionStatus.TERMINATED,
+    WorkflowExecutionStatus.CANCELED,
+    WorkflowExecutionStatus.TIMED_OUT,
+}
 
-    The SQL claim is the real exactly-once guard (it outlives Temporal's retention); rejecting the
-    duplicate ID keeps a second workflow from even starting.
+
+class MonthNotBegun(ValueError):
+    """A reset was asked for a month after the current UTC month: months are opened by time only."""
+
+
+def refuse_unbegun_month(month: str, now: datetime | None = None) -> None:
+    """Raise MonthNotBegun when ``month`` (YYYY-MM) is after the UTC month of ``now`` (default: the clock)."""
+    current = current_month(now)
+    if parse_month(month) > parse_month(current):
+        raise MonthNotBegun(
+            f"month {month} has not begun (it is {current} now, UTC); months are opened by time"
+        )
+
+
+async def start_monthly_reset(
+    client: Client,
+    task_queue: str,
+    org_id: str,
+    month: str,
+    *,
+    now: datetime | None = None,
+    check_month: bool = True,
+) -> ResetStart:
+    """Start ``monthly-reset/{org}/{month}`` unless it exists, or again if its run did not complete.
+
+    Refuses (MonthNotBegun) a month after the current UTC month of ``now``; callers whose month comes
+    from the database or workflow clock pass ``check_month=False`` (the SQL claim refuses a month
+    that has not begun by the database clock in any case, non-retryably). A completed run is never
+    repeated (WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY); the SQL claim is the real
+    exactly-once guard (it outlives Temporal's retention).
     """
+    if check_month:
+        refuse_unbegun_month(month, now)
     workflow_id = monthly_reset_id(org_id, month)
-    try:
+
+    async def start(policy: WorkflowIDReusePolicy) -> None:
         await client.start_workflow(
             "MonthlyResetWorkflow",
             MonthlyResetInput(org_id=org_id, month=month),
             id=workflow_id,
             task_queue=task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            id_reuse_policy=policy,
             search_attributes=TypedSearchAttributes(
                 [SearchAttributePair(ORG_ID, org_id), SearchAttributePair(MONTH, month)]
             ),
             static_summary=f"Close the month before {month} for org {org_id}",
         )
+
+    try:
+        # First as if no run may exist, so that a rerun is known to be one and said so.
+        await start(WorkflowIDReusePolicy.REJECT_DUPLICATE)
         return ResetStart(workflow_id, True, WorkflowExecutionStatus.RUNNING)
     except WorkflowAlreadyStartedError:
+        description = await client.get_workflow_handle(workflow_id).describe()
+    if description.status not in RESET_NOT_COMPLETED:
+        return ResetStart(workflow_id, False, description.status)
+    try:
+        await start(WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY)
+        return ResetStart(workflow_id, True, WorkflowExecutionStatus.RUNNING, rerun=True)
+    except WorkflowAlreadyStartedError:
+        # Another caller reran it first (or it completed meanwhile): report that run.
         description = await client.get_workflow_handle(workflow_id).describe()
         return ResetStart(workflow_id, False, description.status)

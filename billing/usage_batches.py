@@ -5,8 +5,10 @@ Shared by the HTTP API, the benchmark and the tests, so that all three exercise 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,12 +20,19 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
 from billing.ids import usage_sync_id
-from billing.models_sync import PARTIAL_BATCH_ERROR, UsageSyncInput, UsageSyncResult
+from billing.models_sync import INPUT_ERROR, PARTIAL_BATCH_ERROR, UsageSyncInput, UsageSyncResult
 from billing.sql import query
 
 MAX_ROWS = 100_000
 FIELDS = ("project_id", "tag", "created_at", "updated_at", "increment")
 _MAX_BIGINT = 2**63 - 1
+# Rows dated before this are rejected (1900, year 0 ...); the upper bound (the database clock plus the
+# allowed skew, and a month that has begun) is checked by the apply, against the database clock.
+EARLIEST_ROW_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+# Meter tags are short names; a longer one is refused before it is staged or echoed back.
+MAX_TAG_LENGTH = 200
+# C0 and C1 control characters (NUL cannot even be stored in PostgreSQL text).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 StagedRow = tuple[str, int, uuid.UUID, str, datetime, datetime, int]
 
@@ -44,15 +53,31 @@ def batch_id_of(metrics: list[Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _timestamp(value: object) -> datetime | None:
-    """An ISO 8601 timestamp (a naive one is taken as UTC), or None when it is not one."""
+def _short(value: object) -> str:
+    """``repr`` of a refused value, cut short so a huge one is never echoed back whole."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _timestamp(name: str, value: object) -> datetime | str:
+    """An ISO 8601 timestamp in UTC (a naive one is taken as UTC), or why it is refused.
+
+    Refused: not a timestamp, not representable in UTC (``9999-12-31T23:59:59-14:00`` is in year 10000),
+    or before 2000-01-01.
+    """
     if not isinstance(value, str):
-        return None
+        return f"{name} is not an ISO 8601 timestamp: {_short(value)}"
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return f"{name} is not an ISO 8601 timestamp: {_short(value)}"
+    try:
+        parsed = parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        return f"{name} is not between 2000-01-01 and now: {_short(value)}"
+    if parsed < EARLIEST_ROW_TIME:
+        return f"{name} is before 2000-01-01: {_short(value)}"
+    return parsed
 
 
 def _parse_row(batch_id: str, index: int, item: dict[str, Any]) -> StagedRow | str:
@@ -65,20 +90,24 @@ def _parse_row(batch_id: str, index: int, item: dict[str, Any]) -> StagedRow | s
     except ValueError:
         project_id = None
     if project_id is None:
-        return f"project_id is not a UUID: {item['project_id']!r}"
+        return f"project_id is not a UUID: {_short(item['project_id'])}"
     tag = item["tag"]
     if not isinstance(tag, str) or not tag:
-        return f"tag must be a non-empty string, got {tag!r}"
+        return f"tag must be a non-empty string, got {_short(tag)}"
+    if len(tag) > MAX_TAG_LENGTH:
+        return f"tag is longer than {MAX_TAG_LENGTH} characters"
+    if _CONTROL.search(tag):
+        return f"tag contains a control character: {_short(tag)}"
     increment = item["increment"]
     # bool is an int in Python, not in JSON's sense of a counter.
     if type(increment) is not int or not 0 <= increment <= _MAX_BIGINT:
-        return f"increment must be a non-negative integer, got {increment!r}"
-    created_at = _timestamp(item["created_at"])
-    if created_at is None:
-        return f"created_at is not an ISO 8601 timestamp: {item['created_at']!r}"
-    updated_at = _timestamp(item["updated_at"])
-    if updated_at is None:
-        return f"updated_at is not an ISO 8601 timestamp: {item['updated_at']!r}"
+        return f"increment must be a non-negative integer, got {_short(increment)}"
+    created_at = _timestamp("created_at", item["created_at"])
+    if isinstance(created_at, str):
+        return created_at
+    updated_at = _timestamp("updated_at", item["updated_at"])
+    if isinstance(updated_at, str):
+        return updated_at
     return (batch_id, index, project_id, tag, created_at, updated_at, increment)
 
 
@@ -132,14 +161,34 @@ def partial_result(error: WorkflowFailureError) -> UsageSyncResult | None:
     return None
 
 
+class SyncStillRunning(Exception):
+    """``usage-sync/{batch}`` did not finish within the caller's bound; it goes on running."""
+
+    def __init__(self, batch_id: str, seconds: float) -> None:
+        super().__init__(f"usage-sync/{batch_id} did not finish within {seconds:g} s; it is still running")
+        self.batch_id = batch_id
+        self.seconds = seconds
+
+
+class BatchRefused(Exception):
+    """``usage-sync/{batch}`` failed for its input (non-retryable); no retry of the same body helps."""
+
+
 async def run_usage_sync(
-    client: Client, task_queue: str, batch_id: str, *, reset_wait_seconds: float = 60.0
+    client: Client,
+    task_queue: str,
+    batch_id: str,
+    *,
+    reset_wait_seconds: float = 60.0,
+    answer_within: float | None = None,
 ) -> UsageSyncResult:
     """Run ``usage-sync/{batch_id}`` (or join the run that exists) and return its result.
 
     A batch whose run completed is never run again: its result is fetched. A run that failed (it
-    left orgs out because their monthly reset did not complete, or it was terminated) may run again,
-    and the new run applies only the orgs still missing.
+    held rows back because their org's month is not opened yet, or it was terminated) may run again,
+    and the new run applies only what is still missing. Waits at most ``answer_within`` seconds
+    (SyncStillRunning after that; the run goes on, and the same batch later joins or reads it back).
+    BatchRefused when the run failed for its input.
     """
     workflow_id = usage_sync_id(batch_id)
     try:
@@ -156,12 +205,21 @@ async def run_usage_sync(
     except WorkflowAlreadyStartedError:
         handle = client.get_workflow_handle(workflow_id, result_type=UsageSyncResult)
     try:
-        return await handle.result()
+        if answer_within is None:
+            return await handle.result()
+        return await asyncio.wait_for(handle.result(), answer_within)
+    except TimeoutError:
+        raise SyncStillRunning(batch_id, answer_within or 0.0) from None
     except WorkflowFailureError as exc:
         partial = partial_result(exc)
-        if partial is None:
-            raise
-        return partial
+        if partial is not None:
+            return partial
+        cause = exc.cause
+        while cause is not None:
+            if isinstance(cause, ApplicationError) and cause.type == INPUT_ERROR:
+                raise BatchRefused(cause.message) from None
+            cause = cause.cause
+        raise
 
 
 async def batch_answer(pool: AsyncConnectionPool, batch_id: str) -> dict[str, list[dict[str, Any]]]:
@@ -171,3 +229,12 @@ async def batch_answer(pool: AsyncConnectionPool, batch_id: str) -> dict[str, li
         quota = await (await conn.execute(query("batch_quota"), params)).fetchall()
         rejected = await (await conn.execute(query("batch_rejections"), params)).fetchall()
     return {"quota": quota, "rejected": rejected}
+
+
+async def held_back_of(pool: AsyncConnectionPool, batch_id: str, limit: int = 100) -> list[dict[str, Any]]:
+    """What the batch holds back and why: one entry per org (``org_id``, ``month``, ``reason``)."""
+    async with pool.connection() as conn:
+        rows = await (
+            await conn.execute(query("batch_skips"), {"batch_id": batch_id, "limit": limit})
+        ).fetchall()
+    return [dict(row) for row in rows]

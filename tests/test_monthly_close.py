@@ -13,7 +13,7 @@ from billing.models import MonthlyCloseInput, MonthlyCloseResult, MonthlyResetRe
 from tests.conftest import make_settings, running_worker
 from tests.factories import fetch_value, make_org
 
-MAY = date(2031, 5, 1)  # a month no other test writes, so the counts below are this test's own
+MAY = date(2024, 5, 1)  # a past month no other test writes (a month that has not begun is refused)
 
 
 async def test_monthly_close_starts_one_reset_per_org_with_usage_and_a_rerun_starts_none(
@@ -32,26 +32,26 @@ async def test_monthly_close_starts_one_reset_per_org_with_usage_and_a_rerun_sta
     async with running_worker(settings, pool, client):
         first = await client.execute_workflow(
             "MonthlyCloseWorkflow",
-            MonthlyCloseInput(month="2031-06"),
+            MonthlyCloseInput(month="2024-06"),
             id=f"monthly-close-test-{uuid.uuid4()}",
             task_queue=settings.task_queue,
             result_type=MonthlyCloseResult,
         )
         for org in orgs:
             reset = await client.get_workflow_handle(
-                monthly_reset_id(org.id, "2031-06"), result_type=MonthlyResetResult
+                monthly_reset_id(org.id, "2024-06"), result_type=MonthlyResetResult
             ).result()
-            assert reset.claimed and reset.closed_month == "2031-05" and reset.tags_closed == 1
+            assert reset.claimed and reset.closed_month == "2024-05" and reset.tags_closed == 1
         second = await client.execute_workflow(
             "MonthlyCloseWorkflow",
-            MonthlyCloseInput(month="2031-06"),
+            MonthlyCloseInput(month="2024-06"),
             id=f"monthly-close-test-{uuid.uuid4()}",
             task_queue=settings.task_queue,
             result_type=MonthlyCloseResult,
         )
-    assert first == MonthlyCloseResult(month="2031-06", started=3, already_started=0)
-    assert second == MonthlyCloseResult(month="2031-06", started=0, already_started=3)
-    claims = await fetch_value(pool, "SELECT count(*) FROM monthly_resets WHERE month = '2031-06-01'")
+    assert first == MonthlyCloseResult(month="2024-06", started=3, already_started=0)
+    assert second == MonthlyCloseResult(month="2024-06", started=0, already_started=3)
+    claims = await fetch_value(pool, "SELECT count(*) FROM monthly_resets WHERE month = '2024-06-01'")
     assert claims == 3
     idle_claims = await fetch_value(
         pool, "SELECT count(*) FROM monthly_resets WHERE organization_id = %s", [idle.id]

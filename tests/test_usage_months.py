@@ -70,7 +70,7 @@ async def test_syncs_racing_the_monthly_reset_lose_nothing_and_keep_last_months_
         f"monthly-reset/{org.id}/{month_key(this_month)}", result_type=MonthlyResetResult
     ).result()
     assert reset.claimed
-    assert "skipped" not in answer_one and "skipped" not in answer_two
+    assert set(answer_one) == set(answer_two) == {"quota", "rejected"}
     assert await org_usage(pool, org.id, "task.created", last_month) == 150
     assert await org_usage(pool, org.id, "task.created", this_month) == 13
     closed = await fetch_value(
@@ -94,7 +94,7 @@ async def test_syncs_racing_the_monthly_reset_lose_nothing_and_keep_last_months_
     assert ledger == 170 + 13
 
 
-async def test_an_org_whose_reset_fails_is_skipped_and_reported_and_a_repush_applies_it(
+async def test_an_org_whose_reset_fails_is_held_back_with_503_and_a_repush_applies_it(
     http: httpx.AsyncClient, pool: AsyncConnectionPool, client: Client, settings: Settings
 ) -> None:
     failing, healthy = await make_org(pool), await make_org(pool)
@@ -122,16 +122,22 @@ async def test_an_org_whose_reset_fails_is_skipped_and_reported_and_a_repush_app
         row(healthy.project_ids[0], "task.created", today, 11, updated_at=today + timedelta(seconds=1)),
     ]
     try:
-        answer = await push(http, rows)
+        response = await http.post("/v1/metrics", json={"metrics": rows})
     finally:
         async with pool.connection() as conn:
             await conn.execute(f"DROP TRIGGER {trigger_function} ON monthly_resets")
             await conn.execute(f"DROP FUNCTION {trigger_function}()")
 
-    assert [skip["org_id"] for skip in answer["skipped"]] == [failing.id]
-    assert answer["skipped"][0]["month"] == month_key(this_month)
-    assert "did not complete within 2 s" in answer["skipped"][0]["reason"]
+    # Not fully applied: 503 with Retry-After and the same body, plus what was held back and why.
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "60"
+    answer = response.json()
+    assert [held["org_id"] for held in answer["held_back"]] == [failing.id]
+    assert answer["held_back"][0]["month"] == month_key(this_month)
+    assert "did not complete within 2 s" in answer["held_back"][0]["reason"]
     assert answer["rejected"] == []
+    assert len(answer["quota"]) == 10
+    assert "skipped" not in answer
     assert await org_usage(pool, healthy.id, "task.created", this_month) == 11
     assert await org_usage(pool, failing.id, "task.created", this_month) == 0
     checkpoints = await fetch_value(
@@ -146,7 +152,7 @@ async def test_an_org_whose_reset_fails_is_skipped_and_reported_and_a_repush_app
     ).result()
     assert reset.claimed
     again = await push(http, rows)
-    assert "skipped" not in again
+    assert set(again) == {"quota", "rejected"}
     assert await org_usage(pool, failing.id, "task.created", this_month) == 7
     assert await org_usage(pool, healthy.id, "task.created", this_month) == 11
 

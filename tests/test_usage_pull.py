@@ -8,6 +8,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -17,7 +18,10 @@ from temporalio.worker import Worker
 
 from billing import cli
 from billing.config import Settings
+from billing.ids import monthly_reset_id
 from billing.models_sync import PullSyncInput, PullSyncResult
+from billing.months import month_key
+from billing.temporal import start_monthly_reset
 from tests.conftest import fresh_database, make_settings, running_worker
 from tests.factories import make_org
 from tests.usage_support import day_start, month_start, org_usage, utc_now
@@ -121,3 +125,67 @@ async def test_without_a_source_url_the_pull_says_pull_mode_is_off(
     assert result == PullSyncResult(
         enabled=False, message="pull mode is off: BILLING_METRICS_SOURCE_URL is not set"
     )
+
+
+async def test_one_held_back_org_never_freezes_the_watermark_and_a_later_pull_applies_its_rows(
+    core_url: str, database_url: str, pool: AsyncConnectionPool, client: Client
+) -> None:
+    settings = make_settings(database_url, client, BILLING_METRICS_SOURCE_URL=core_url)
+    held, healthy = await make_org(pool), await make_org(pool)
+    now = utc_now()
+    today, month = day_start(now), month_start(now)
+    last_month = month_start(today.replace(day=1) - timedelta(days=1))
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO monthly_resets (organization_id, month) VALUES (%s, %s)", [held.id, last_month]
+        )
+    failing = f"fail_reset_{held.id.replace('-', '')[:12]}"
+    async with pool.connection() as conn:
+        await conn.execute(
+            f"CREATE FUNCTION {failing}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.organization_id = '{held.id}' THEN RAISE EXCEPTION 'injected reset failure'; END IF; "
+            "RETURN NEW; END $$"
+        )
+        await conn.execute(
+            f"CREATE TRIGGER {failing} BEFORE INSERT ON monthly_resets FOR EACH ROW EXECUTE FUNCTION {failing}()"
+        )
+    insert = "INSERT INTO metrics VALUES (%s, %s, %s, %s, now())"
+    core_write(core_url, insert, [held.project_ids[0], "task.created", 12, today])
+    core_write(core_url, insert, [healthy.project_ids[0], "task.created", 5, today])
+    pull = PullSyncInput(overlap_seconds=0, reset_wait_seconds=1.0)
+    reset_id = monthly_reset_id(held.id, month_key(month))
+    async with running_worker(settings, pool, client):
+        try:
+            first = await client.execute_workflow(
+                "PullUsageSyncWorkflow",
+                pull,
+                id=f"usage-sync/pull-test-{uuid.uuid4()}",
+                task_queue=settings.task_queue,
+                result_type=PullSyncResult,
+            )
+            await client.get_workflow_handle(reset_id).terminate("gave up on it")
+        finally:
+            async with pool.connection() as conn:
+                await conn.execute(f"DROP TRIGGER {failing} ON monthly_resets")
+                await conn.execute(f"DROP FUNCTION {failing}()")
+        assert first.sync is not None and (first.sync.orgs_skipped, first.sync.rows_pending) == (1, 1)
+        assert first.watermark is not None  # the healthy org's rows do not wait for the held one
+        assert await org_usage(pool, healthy.id, "task.created", month) == 5
+        assert await org_usage(pool, held.id, "task.created", month) == 0
+
+        rerun = await start_monthly_reset(client, settings.task_queue, held.id, month_key(month))
+        assert rerun.rerun
+        await client.get_workflow_handle(reset_id).result()
+        second = await client.execute_workflow(
+            "PullUsageSyncWorkflow",
+            pull,
+            id=f"usage-sync/pull-test-{uuid.uuid4()}",
+            task_queue=settings.task_queue,
+            result_type=PullSyncResult,
+        )
+    # Nothing new in the window; the held-back batch ran again and applied the rest, once.
+    assert second.rows_read == 0
+    assert [(r.batch_id, r.orgs_skipped, r.rows_applied) for r in second.reruns] == [(first.batch_id, 0, 2)]
+    assert second.watermark is not None and second.watermark >= first.watermark
+    assert await org_usage(pool, held.id, "task.created", month) == 12
+    assert await org_usage(pool, healthy.id, "task.created", month) == 5

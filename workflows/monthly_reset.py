@@ -13,8 +13,10 @@ from workflows.common import run_db_activity
 class MonthlyResetWorkflow:
     """Runs the one transaction that claims and closes the month; never half-applied.
 
-    Its workflow ID may not be reused (see billing.temporal.start_monthly_reset), and the SQL claim
-    makes a second run change nothing even after Temporal has forgotten the first.
+    Its workflow ID is reused only after a run that did not complete (see
+    billing.temporal.start_monthly_reset), and the SQL claim makes a second run change nothing even
+    after Temporal has forgotten the first. A month that has not begun is refused by the activity,
+    non-retryably, so such a run fails at once with the reason.
     """
 
     @workflow.run

@@ -24,6 +24,8 @@ from billing.models_sync import (
     PullStageResult,
     PullSyncInput,
     PullSyncResult,
+    ReadyBatchesInput,
+    ReadyBatchesResult,
     UsageSyncInput,
     UsageSyncResult,
 )
@@ -33,6 +35,8 @@ from workflows.common import DB_RETRY, DB_TIMEOUT, run_db_activity
 _RESET_HEARTBEAT = timedelta(seconds=30)
 # Reading the source and staging its rows may take a while on a first pull of a big table.
 _PULL_TIMEOUT = timedelta(minutes=30)
+# Patch marker: pulls recorded before it froze the watermark while any org was held back.
+_WATERMARK_NEVER_FROZEN = "pull-watermark-never-frozen"
 
 
 async def sync_batch(batch_id: str, reset_wait_seconds: float) -> UsageSyncResult:
@@ -88,9 +92,9 @@ def _summary(result: UsageSyncResult) -> str:
 class UsageSyncWorkflow:
     """One batch, exactly once: its ID is ``usage-sync/{batch}`` and a completed run is never rerun.
 
-    When orgs had to be skipped (their monthly reset did not complete), the run fails on purpose with
-    the result as details: the batch is not done, and a retried push of it may run it again, which
-    then applies only the orgs still missing.
+    When rows had to be held back (their org's month is not opened: its monthly reset did not
+    complete), the run fails on purpose with the result as details: the batch is not done, and a
+    retried push of it may run it again, which then applies only the months still missing.
     """
 
     @workflow.run
@@ -112,8 +116,9 @@ class UsageSyncWorkflow:
 class PullUsageSyncWorkflow:
     """Pull mode: stage the core service's rows changed since the watermark, apply, advance it.
 
-    The watermark moves only when every org applied, so a skipped org's rows are read again (with
-    their newest totals) by the next pull; rows re-read diff to nothing.
+    The watermark always moves forward. Rows held back for an org whose month is not opened yet stay
+    staged under their batch; a later pull runs that batch again once the month is open (it then
+    applies only those rows). Rows re-read diff to nothing.
     """
 
     @workflow.run
@@ -135,14 +140,35 @@ class PullUsageSyncWorkflow:
         if staged.rows_read:
             sync = await sync_batch(staged.batch_id, request.reset_wait_seconds)
         watermark = None
-        if sync is None or not sync.orgs_skipped:
+        reruns: list[UsageSyncResult] = []
+        if workflow.patched(_WATERMARK_NEVER_FROZEN):
+            # The watermark always moves: rows held back for one org stay staged under their batch,
+            # which a later pull runs again once the org's month is open, so no org holds back others.
             advanced: AdvanceWatermarkResult = await run_db_activity(
                 "advance_pull_watermark",
                 AdvanceWatermarkInput(watermark=staged.window_to),
                 AdvanceWatermarkResult,
             )
             watermark = advanced.watermark
+            ready: ReadyBatchesResult = await run_db_activity(
+                "pull_batches_ready", ReadyBatchesInput(current=staged.batch_id), ReadyBatchesResult
+            )
+            for batch_id in ready.batch_ids:
+                reruns.append(await sync_batch(batch_id, request.reset_wait_seconds))
+        elif sync is None or not sync.orgs_skipped:
+            advanced = await run_db_activity(
+                "advance_pull_watermark",
+                AdvanceWatermarkInput(watermark=staged.window_to),
+                AdvanceWatermarkResult,
+            )
+            watermark = advanced.watermark
         message = f"read {staged.rows_read} rows" + (f"; {_summary(sync)}" if sync else "")
+        if sync is not None and sync.orgs_skipped:
+            message += (
+                "; rows of months not yet opened are held back under their batch and applied by a later pull"
+            )
+        if reruns:
+            message += f"; ran {len(reruns)} held-back batches again"
         if watermark is None:
             message += "; watermark kept so the skipped orgs' rows are read again"
         workflow.set_current_details(message)
@@ -153,4 +179,5 @@ class PullUsageSyncWorkflow:
             rows_read=staged.rows_read,
             watermark=watermark,
             sync=sync,
+            reruns=reruns,
         )
