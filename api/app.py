@@ -10,6 +10,7 @@ from temporalio.client import Client
 
 from api import admin, health, usage, webhooks
 from api.errors import EXCEPTION_HANDLERS
+from api.quota import QuotaFastPath
 from api.telemetry import TelemetryMiddleware
 from billing.config import Settings
 
@@ -29,7 +30,8 @@ def create_app(settings: Settings, pool: AsyncConnectionPool, client: Client) ->
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(TelemetryMiddleware)],
+        # The quota fast path first: the gateway's well-formed checks skip the framework (api/quota.py).
+        middleware=[Middleware(QuotaFastPath), Middleware(TelemetryMiddleware)],
         exception_handlers=EXCEPTION_HANDLERS,
     )
     app.state.settings = settings

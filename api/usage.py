@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from opentelemetry import trace
@@ -14,8 +13,8 @@ from temporalio.service import RPCError
 
 from api.auth import require_bearer
 from api.errors import ApiError
+from api.quota import flag_lookup, quota_consuming
 from api.validation import path_uuid
-from billing.sql import query
 from billing.telemetry import USAGE_ROWS
 from billing.usage_batches import (
     MAX_ROWS,
@@ -31,8 +30,6 @@ from billing.usage_batches import (
 # 100,000 rows of the contract's shape fit in about 25 MB; refuse bodies far beyond that before
 # reading them whole, whatever Content-Length claims.
 MAX_BODY_BYTES = 64 * 1024 * 1024
-# Writes the product's gateway asks about: they consume quota, so a flagged project is refused.
-_QUOTA_WRITES = re.compile(r"^/api/v1/(session/[^/]+/messages|disk/[^/]+/artifact)/?$")
 # How long a push waits for the monthly resets its rows need before it skips their orgs; a deployment
 # (or a test) may set ``app.state.reset_wait_seconds``.
 RESET_WAIT_SECONDS = 60.0
@@ -136,10 +133,9 @@ async def get_quota(request: Request) -> JSONResponse:
     require_bearer(request)
     project_id = path_uuid(request, "project_id")
     path = request.query_params.get("path", "")
-    method = request.query_params.get("method", "GET").upper()
-    if method == "POST" and _QUOTA_WRITES.match(path):
-        async with request.app.state.pool.connection() as conn:
-            row = await (await conn.execute(query("project_flagged"), {"project_id": project_id})).fetchone()
-        if row is not None and row["flagged"]:
+    method = request.query_params.get("method", "GET")
+    if quota_consuming(method, path):
+        # One read begun after this request arrived, shared with the checks queued alongside it.
+        if await flag_lookup(request.app).flagged(project_id):
             return JSONResponse({"msg": "quota exceeded"}, status_code=403)
     return JSONResponse({"msg": "ok"})

@@ -493,12 +493,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _uvloop_run(coro: Any) -> Any:
+    """``asyncio.run`` on uvloop's event loop (pinned; the API's loop, see billing.services)."""
+    import uvloop
+
+    return uvloop.run(coro)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status (no traceback for user errors)."""
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.load()
-        return asyncio.run(args.handler(args, settings))
+        # The API serves the gateway's quota check on every write of the product: uvloop there.
+        runner = _uvloop_run if args.handler is cmd_api else asyncio.run
+        return runner(args.handler(args, settings))
     except UserError as exc:
         print(f"billing: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
