@@ -75,7 +75,7 @@ class ResetActivities:
         async def start(org_id: str) -> bool:
             async with gate:
                 outcome = await start_monthly_reset(
-                    self.client, self.task_queue, org_id, request.month, check_month=False
+                    self.client, self.task_queue, org_id, request.month, check_month=False, eager=True
                 )
                 return outcome.started
 

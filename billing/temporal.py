@@ -187,6 +187,7 @@ async def start_monthly_reset(
     *,
     now: datetime | None = None,
     check_month: bool = True,
+    eager: bool = False,
 ) -> ResetStart:
     """Start ``monthly-reset/{org}/{month}`` unless it exists, or again if its run did not complete.
 
@@ -194,7 +195,9 @@ async def start_monthly_reset(
     from the database or workflow clock pass ``check_month=False`` (the SQL claim refuses a month
     that has not begun by the database clock in any case, non-retryably). A completed run is never
     repeated (WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY); the SQL claim is the real
-    exactly-once guard (it outlives Temporal's retention).
+    exactly-once guard (it outlives Temporal's retention). ``eager``: ``client`` is a worker's on
+    ``task_queue`` (an activity starting resets), so the run's first task comes back with the start
+    and runs here, saving a round trip.
     """
     if check_month:
         refuse_unbegun_month(month, now)
@@ -211,6 +214,7 @@ async def start_monthly_reset(
                 [SearchAttributePair(ORG_ID, org_id), SearchAttributePair(MONTH, month)]
             ),
             static_summary=f"Close the month before {month} for org {org_id}",
+            request_eager_start=eager,
         )
 
     try:

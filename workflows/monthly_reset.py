@@ -6,7 +6,7 @@ from temporalio import workflow
 
 from billing.models import MonthlyResetInput, MonthlyResetResult
 from billing.months import previous_month
-from workflows.common import run_db_activity
+from workflows.common import run_db_activity, run_db_activity_local_first
 
 
 @workflow.defn
@@ -23,7 +23,11 @@ class MonthlyResetWorkflow:
     async def run(self, request: MonthlyResetInput) -> MonthlyResetResult:
         closing = previous_month(request.month)
         workflow.set_current_details(f"Closing {closing} of org {request.org_id}")
-        result: MonthlyResetResult = await run_db_activity("close_org_month", request, MonthlyResetResult)
+        # Local first since issue 14 (a month close runs 10,000 of these); runs recorded before replay
+        # the regular activity they ran.
+        local_first = workflow.patched("close-month-local-first")
+        run = run_db_activity_local_first if local_first else run_db_activity
+        result: MonthlyResetResult = await run("close_org_month", request, MonthlyResetResult)
         if result.claimed:
             workflow.set_current_details(
                 f"Closed {closing}: {result.tags_closed} meters recorded, {result.flags} quota flags now"

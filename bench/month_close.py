@@ -1,0 +1,153 @@
+"""Benchmark of the month close: ``python -m bench.month_close [--orgs 10000]``.
+
+In one run, on one fresh database and its own Temporal dev server with an in-process worker:
+(a) ``orgs`` organizations that had usage last month (seeded in SQL: last month opened, one meter of
+    usage); the ``monthly-close`` workflow for this month is run, and timed from its start until every
+    ``monthly-reset/{org}/{month}`` has completed (each closed its org's month in PostgreSQL and the
+    workflow is closed in Temporal);
+(b) the ceiling: as many raw no-op workflows (bench/noop_workflow.py, on a worker with the same
+    options) started with the same concurrency as the close starts resets, timed until all completed.
+Prints resets per second, no-op workflows per second and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+
+import psycopg
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+import worker as worker_module
+from activities.resets import _CONCURRENT_STARTS
+from bench.noop_workflow import NoopWorkflow
+from billing.config import Settings
+from billing.db import open_pool
+from billing.models import MonthlyCloseInput
+from billing.months import month_key, parse_month, previous_month
+from billing.scratch import scratch_database, temporal_dev_server
+from billing.sql import query
+
+
+def seed(url: str, orgs: int, month: str) -> None:
+    """``orgs`` free orgs, each with last month opened and usage in it."""
+    org_ids = [str(uuid.uuid4()) for _ in range(orgs)]
+    last = parse_month(previous_month(month))
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            query("bench_seed_orgs"),
+            {
+                "org_ids": org_ids,
+                "plan": "free",
+                "project_orgs": org_ids,
+                "project_ids": [str(uuid.uuid4()) for _ in org_ids],
+            },
+        )
+        conn.execute(
+            "INSERT INTO monthly_resets (organization_id, month) SELECT unnest(%s::uuid[]), %s",
+            (org_ids, last),
+        )
+        conn.execute(
+            "INSERT INTO org_usage (organization_id, tag, month, value)"
+            " SELECT unnest(%s::uuid[]), 'task.created', %s, 7",
+            (org_ids, last),
+        )
+
+
+async def wait_completed(client: Client, workflow_type: str, count: int) -> None:
+    """Until Temporal's visibility lists ``count`` completed workflows of ``workflow_type``."""
+    visibility = f"WorkflowType = '{workflow_type}' AND ExecutionStatus = 'Completed'"
+    while (await client.count_workflows(visibility)).count < count:
+        await asyncio.sleep(0.2)
+
+
+async def noop_ceiling(client: Client, queue: str, count: int) -> float:
+    """Seconds to start ``count`` no-op workflows (``_CONCURRENT_STARTS`` at a time) and see them done."""
+    gate = asyncio.Semaphore(_CONCURRENT_STARTS)
+    run = uuid.uuid4().hex[:8]
+
+    async def start(n: int) -> None:
+        async with gate:
+            await client.start_workflow(NoopWorkflow.run, id=f"noop/{run}/{n}", task_queue=queue)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(start(n) for n in range(count)))
+    await wait_completed(client, "NoopWorkflow", count)
+    return time.perf_counter() - started
+
+
+async def close_month(url: str, client: Client, queue: str, month: str, count: int) -> float:
+    """Seconds from the ``monthly-close`` start until every org's reset completed."""
+    started = time.perf_counter()
+    await client.execute_workflow(
+        "MonthlyCloseWorkflow",
+        MonthlyCloseInput(month=month),
+        id=f"monthly-close/bench-{month}",
+        task_queue=queue,
+    )
+    await wait_completed(client, "MonthlyResetWorkflow", count)
+    elapsed = time.perf_counter() - started
+    with psycopg.connect(url) as conn:
+        claimed = conn.execute(
+            "SELECT count(*) FROM monthly_resets WHERE month = %s", (parse_month(month),)
+        ).fetchone()
+    assert claimed is not None and claimed[0] == count, f"{claimed} resets claimed, expected {count}"
+    return elapsed
+
+
+async def main(argv: list[str] | None = None) -> int:
+    """Run both and print the comparison."""
+    parser = argparse.ArgumentParser(prog="python -m bench.month_close", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--orgs", type=int, default=10_000)
+    args = parser.parse_args(argv)
+    month = month_key(datetime.now(UTC))
+
+    async with contextlib.AsyncExitStack() as stack:
+        url = stack.enter_context(scratch_database("bench_close"))
+        env = await stack.enter_async_context(temporal_dev_server())
+        pool = await open_pool(url, max_size=20)
+        stack.push_async_callback(pool.close)
+        queue = f"bench-{uuid.uuid4().hex[:8]}"
+        settings = Settings.load(
+            DATABASE_URL=url,
+            TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
+            BILLING_TASK_QUEUE=queue,
+        )
+        seed(url, args.orgs, month)
+        noop_queue = f"{queue}-noop"
+        # The same worker options as build_worker's, with only the no-op workflow.
+        noop_worker = Worker(
+            env.client,
+            task_queue=noop_queue,
+            workflows=[NoopWorkflow],
+            max_concurrent_activities=50,
+            workflow_runner=SandboxedWorkflowRunner(
+                restrictions=SandboxRestrictions.default.with_passthrough_modules(
+                    *worker_module._PASSED_THROUGH
+                )
+            ),
+        )
+        async with noop_worker:
+            noop_s = await noop_ceiling(env.client, noop_queue, args.orgs)
+        async with worker_module.build_worker(settings, pool, env.client):
+            close_s = await close_month(url, env.client, queue, month, args.orgs)
+
+    close_rate, noop_rate = args.orgs / close_s, args.orgs / noop_s
+    print(f"month close benchmark: {args.orgs:,} orgs with usage in {previous_month(month)}")
+    print(f"  monthly-close until every reset completed {close_rate:>10,.0f} resets/s  ({close_s:.1f} s)")
+    print(
+        f"  raw no-op workflows, {_CONCURRENT_STARTS} starts at a time {noop_rate:>10,.0f} workflows/s  ({noop_s:.1f} s)"
+    )
+    print(f"  ratio {'':<36} {close_rate / noop_rate:>10.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
