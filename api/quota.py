@@ -1,14 +1,14 @@
 """The quota check's database read, shared by the checks that arrive together.
 
 Every answer comes from a read of ``quota_flags`` that *began after the request arrived*: a request
-joins the next lookup, never one already running (that one may have started before the request, and
+joins the next read, never one already running (that one may have started before the request, and
 so before a flag it should see was committed). So whatever was committed before a check arrived is
 enforced by that check, in every API process, with no cache to go stale: when an operator's block
 returns (its update returns after the flags are committed), the next quota check answers 403.
 
 What it saves is the per-request cost: at 32 concurrent checks one statement (one pool checkout, one
-round trip, prepared after a few runs) answers all that queued while the previous one ran, instead of
-one each. At most one lookup runs per process at a time: its latency is at most two round trips.
+round trip, prepared after a few runs) answers all the checks that arrived in one turn of the event
+loop, instead of one statement each.
 """
 
 from __future__ import annotations
@@ -38,50 +38,82 @@ def quota_consuming(method: str, path: str) -> bool:
 
 
 class FlagLookup:
-    """Coalesces concurrent ``flagged(project_id)`` calls into one ``projects_flagged`` statement."""
+    """Coalesces concurrent ``flagged(project_id)`` calls into few ``projects_flagged`` statements.
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    The checks that arrive in one turn of the event loop share one read, started on the next turn;
+    up to ``max_reads`` reads run at once (a check's wait is a database round trip, not CPU, so
+    one read at a time would cap the rate at batch size over round-trip time).
+    """
+
+    def __init__(self, pool: AsyncConnectionPool, *, max_reads: int = 2) -> None:
         self._pool = pool
+        self._max_reads = max_reads
         self._waiting: dict[str, list[asyncio.Future[bool]]] = {}
-        self._runner: asyncio.Task[None] | None = None
+        self._reads: set[asyncio.Task[None]] = set()
+        self._scheduled = False
 
     async def flagged(self, project_id: str) -> bool:
         """Whether any meter of the project is flagged, read after this call began."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(project_id, []).append(future)
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._run())
+        self._kick()
         return await future
+
+    def _kick(self) -> None:
+        # A read for the waiting checks on the next loop turn, if a read may start.
+        if self._waiting and not self._scheduled and len(self._reads) < self._max_reads:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        self._scheduled = False
+        if not self._waiting or len(self._reads) >= self._max_reads:
+            return
+        # Only checks already waiting join: every one of them arrived before this read begins.
+        batch, self._waiting = self._waiting, {}
+        task = asyncio.get_running_loop().create_task(self._answer(batch))
+        self._reads.add(task)
+        task.add_done_callback(self._read_done)
+
+    def _read_done(self, task: asyncio.Task[None]) -> None:
+        self._reads.discard(task)
+        self._kick()
 
     async def _read(self, project_ids: list[str]) -> set[str]:
         """Those of ``project_ids`` that are flagged: one statement, one round trip."""
         async with self._pool.connection() as conn:
-            rows = await (
-                await conn.execute(query("projects_flagged"), {"project_ids": project_ids})
-            ).fetchall()
+            # Autocommit for this one statement: otherwise it opens a transaction that handing the
+            # connection back must commit, a second round trip. Switching it while the connection is
+            # idle costs no round trip; it is switched back before the pool gets the connection.
+            await conn.set_autocommit(True)
+            try:
+                rows = await (
+                    await conn.execute(query("projects_flagged"), {"project_ids": project_ids})
+                ).fetchall()
+            finally:
+                await conn.set_autocommit(False)
         return {row["project_id"] for row in rows}
 
-    async def _run(self) -> None:
-        # Take what has queued so far, read it in one statement, answer it; repeat while more queued
-        # meanwhile. Those later arrivals are answered by the next statement, started after them.
-        while self._waiting:
-            batch, self._waiting = self._waiting, {}
-            try:
-                flagged = await self._read(list(batch))
-            except BaseException as exc:
-                # Every waiter of this batch gets the failure (the error handler answers it);
-                # later arrivals get a fresh attempt.
-                for futures in batch.values():
-                    for future in futures:
-                        if not future.done():
-                            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(exc))
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for project_id, futures in batch.items():
+    async def _answer(self, batch: dict[str, list[asyncio.Future[bool]]]) -> None:
+        try:
+            flagged = await self._read(list(batch))
+        except Exception as exc:
+            # Every check of this read gets the failure (the API answers it down the normal
+            # stack); later checks get a fresh read.
+            for futures in batch.values():
                 for future in futures:
                     if not future.done():
-                        future.set_result(project_id in flagged)
+                        future.set_exception(exc)
+            return
+        except BaseException:
+            for futures in batch.values():
+                for future in futures:
+                    future.cancel()
+            raise
+        for project_id, futures in batch.items():
+            for future in futures:
+                if not future.done():
+                    future.set_result(project_id in flagged)
 
 
 def flag_lookup(app: Starlette) -> FlagLookup:

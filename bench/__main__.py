@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("bench.sync", "bench.stripe", "bench.webhooks")
+BENCHMARKS = ("bench.quota", "bench.sync", "bench.month_close", "bench.stripe", "bench.webhooks")
 
 
 def main() -> int:

@@ -123,6 +123,7 @@ async def test_a_check_arriving_during_a_read_waits_for_a_read_of_its_own(pool: 
 
     Forced: the first read ran (no flag), a flag is committed, then a second check arrives while the
     first read is still in flight. Sharing that read's answer would say 200 after the commit.
+    (Also the case of one read at a time: the second check then waits for the first to finish.)
     """
     org = await make_org(pool, projects=1)
     (project_id,) = org.project_ids
@@ -130,12 +131,11 @@ async def test_a_check_arriving_during_a_read_waits_for_a_read_of_its_own(pool: 
     first = asyncio.create_task(lookup.flagged(project_id))
     await asyncio.wait_for(lookup.first_read_done.wait(), 10)
     await _flag(pool, org.id, project_id)
-    second = asyncio.create_task(lookup.flagged(project_id))
-    await asyncio.sleep(0.05)
-    assert not second.done()
+    # The second check gets a read of its own, answered while the first read is still held.
+    assert await asyncio.wait_for(lookup.flagged(project_id), 10) is True
+    assert not first.done()
     lookup.gate.set()
     assert await first is False
-    assert await second is True
     assert lookup.reads == [[project_id], [project_id]]
 
 
@@ -159,6 +159,9 @@ async def test_a_failed_read_fails_its_checks_and_the_next_check_reads_again(dat
         await lookup.flagged(str(uuid.uuid4()))
     with pytest.raises(Exception):  # noqa: B017
         await lookup.flagged(str(uuid.uuid4()))
+    # Nothing is left waiting or reading after the failures (once the read's done callback ran).
+    await asyncio.sleep(0.01)
+    assert (lookup._waiting, lookup._reads) == ({}, set())
 
 
 async def test_a_check_when_the_database_is_gone_is_answered_by_the_framework_as_before(
@@ -178,3 +181,21 @@ async def test_a_check_when_the_database_is_gone_is_answered_by_the_framework_as
         answer = await http.get(_check(str(uuid.uuid4())), headers=AUTH)
     assert (answer.status_code, answer.json()["error"]) == (500, "internal_error")
     assert len(spans.get_finished_spans()) == 1
+
+
+async def test_with_one_read_at_a_time_a_later_check_waits_for_a_read_begun_after_it(
+    pool: AsyncConnectionPool,
+) -> None:
+    org = await make_org(pool, projects=1)
+    (project_id,) = org.project_ids
+    lookup = _GatedLookup(pool)
+    lookup._max_reads = 1
+    first = asyncio.create_task(lookup.flagged(project_id))
+    await asyncio.wait_for(lookup.first_read_done.wait(), 10)
+    await _flag(pool, org.id, project_id)
+    second = asyncio.create_task(lookup.flagged(project_id))
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    lookup.gate.set()
+    assert (await first, await second) == (False, True)
+    assert lookup.reads == [[project_id], [project_id]]
