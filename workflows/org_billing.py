@@ -306,7 +306,7 @@ class OrgBillingWorkflow:
             action = "block" if item.kind == "operator_block" else "unblock"
             now = int(workflow.now().timestamp())
             transition = apply_operator(self._state, action, item.operator.reason, at=now)
-            await self._run_transition(transition, None)
+            await self._run_transition(transition, None, write_early=False)
             # Acknowledged means enforced: the status is written whatever the row says now (the
             # dashboard may have written `blocked` itself) and the flags recomputed, before any reply.
             await self._flush_billing(force_status=True)
@@ -317,8 +317,14 @@ class OrgBillingWorkflow:
                 ]
             self._last_outcome = f"operator {action}: {item.operator.reason}"
 
-    async def _run_transition(self, transition: Transition, event: BillingEvent | None) -> None:
-        """Adopt a transition's state, then carry out its effects (which may lead to more transitions)."""
+    async def _run_transition(
+        self, transition: Transition, event: BillingEvent | None, *, write_early: bool = True
+    ) -> None:
+        """Adopt a transition's state, then carry out its effects (which may lead to more transitions).
+
+        With `write_early`, a changed status or plan is written at once, and anything unwritten before
+        a Stripe call; an operator action (no Stripe calls) writes once, forced, right after.
+        """
         pending: list[tuple[Transition, BillingEvent | None]] = [(transition, event)]
         while pending:
             current, source = pending.pop(0)
@@ -330,7 +336,7 @@ class OrgBillingWorkflow:
             if any(isinstance(e, RecomputeQuota) for e in effects):
                 self._recompute_pending = True
             calls_stripe = any(isinstance(e, STRIPE_EFFECTS) for e in effects)
-            if self._enforcement_changed() or (calls_stripe and self._unwritten()):
+            if write_early and (self._enforcement_changed() or (calls_stripe and self._unwritten())):
                 # Status and plan are what the gateway enforces: written now, not at the end of the
                 # burst, and never behind a Stripe call that may take an hour.
                 await self._flush_billing()
