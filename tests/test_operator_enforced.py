@@ -194,3 +194,38 @@ async def test_the_quota_endpoint_is_reachable_with_the_harness(
         assert await quota_answers(h, org) == [200, 200]
         response = await h.http.get(f"/v1/projects/{org.project_ids[0]}/quota", params=WRITE)
         assert isinstance(response, httpx.Response) and response.status_code == 401
+
+
+async def test_operator_updates_amid_continue_as_new_are_all_answered_and_enforced(
+    database_url: str, pool: AsyncConnectionPool, client: Client
+) -> None:
+    """A run that continues as new every 2 items: updates in flight are applied before it does, so none
+    is left waiting (or lost) across runs, and each answer reflects its own committed write."""
+    from billing.ids import org_billing_id
+    from billing.models_billing import OrgBillingInput
+    from tests.test_org_billing import _scenario
+
+    org = await paid_org(pool, plan="pro", projects=2)
+    async with harness(database_url, pool, client) as h:
+        handle = await client.start_workflow(
+            "OrgBillingWorkflow",
+            OrgBillingInput(org_id=org.id, max_events_per_run=2),
+            id=org_billing_id(org.id),
+            task_queue=h.settings.task_queue,
+        )
+        # Stripe events (signals) and operator updates at once.
+        events = [e for e in _scenario(org.id)[:12] if e["type"] == "invoice.paid"]
+        posts = [h.post(event) for event in events]
+        updates = [operator(h, org, "block", f"concurrent {i}") for i in range(6)]
+        results = await asyncio.gather(*posts, *updates)
+        assert [r.status_code for r in results[: len(posts)]] == [200] * len(posts)
+        assert results[len(posts) :] == ["blocked"] * 6
+        assert await quota_answers(h, org) == [403, 403]
+        assert await operator(h, org, "unblock", "done") == "ok"
+        assert await quota_answers(h, org) == [200, 200]
+        h.delivered |= {event["id"] for event in events}
+        view = await h.settle(org.id)
+        described = await client.get_workflow_handle(org_billing_id(org.id)).describe()
+    assert [a.action for a in view.operator_actions] == ["block"] * 6 + ["unblock"]
+    assert view.events_applied == len(events) + 7
+    assert described.run_id != handle.first_execution_run_id

@@ -218,8 +218,13 @@ class OrgBillingWorkflow:
             await workflow.wait_condition(lambda: bool(self._queue) or self._should_continue_as_new())
             if self._should_continue_as_new() and not self._awaited_operator_items():
                 # An operator update in flight has its item in the queue: it is applied first (below),
-                # so no update is left waiting across continue-as-new.
-                break
+                # so no update is left waiting across continue-as-new. One that arrives while the
+                # last writes run is applied too before this run ends.
+                await self._flush_billing()
+                await self._flush_marks()
+                if not self._awaited_operator_items():
+                    break
+                continue
             item = self._next_item()
             await self._process(item)
             self._events_applied += 1
@@ -231,10 +236,9 @@ class OrgBillingWorkflow:
             self._show_details()
 
         # Signal handlers only append to the queue; an operator update waits until its item is applied,
-        # which the loop above guarantees before it stops. Then carry the queue over.
+        # which the loop above guarantees before it stops (an answered update may still be returning).
+        # Nothing is awaited between here and continuing, so no new update can slip in unanswered.
         await workflow.wait_condition(workflow.all_handlers_finished)
-        await self._flush_billing()
-        await self._flush_marks()
         workflow.continue_as_new(
             OrgBillingInput(
                 org_id=self._org_id,
