@@ -27,9 +27,14 @@ Decisions where the contract is silent are documented on the functions below; th
   An event of a subscription other than the current one is ignored when it is older than the newest
   applied event of a live subscription (`live_subscription_created`), so a late update of the old
   subscription of an upgrade cannot take the org back. Terminal events of a non-current subscription
-  never reset the plan; with no current subscription a terminal event applies only if it is not older
-  than every subscription event applied. Ties: Stripe's `created` has one-second resolution, so two
-  subscriptions' events of the same second are applied in arrival order.
+  never reset the plan; with no current subscription the plan is the one the most recently ended
+  subscription left (by its terminal event's `created`), whatever order the ends arrived in. Ties:
+  Stripe's `created` has one-second resolution, so two subscriptions' events of the same second are
+  applied in arrival order.
+* `pending_plan` is derived (`_derive_pending_plan`) from its sources, so that no order of failures,
+  cancellations and schedules changes it: an open plan failure means `free` (the downgrade we schedule
+  overrides the subscription's own `downgrade_to`), else the current subscription's scheduled
+  cancellation, else the schedule's next phase.
 * The org records the Stripe customer of the first event it gets when it has none
   (`stripe_customer_id`), never re-points a recorded one (the webhook receiver routes by customer).
 * When paying a plan invoice lifts the last plan failure, the downgrade we scheduled for it is revoked
