@@ -236,7 +236,9 @@ async def _operator(args: argparse.Namespace, settings: Settings, action: str) -
     if args.json:
         print(view.model_dump_json(indent=2))
     else:
-        print(f"operator {action} applied to org {args.org_id} and enforced (billing row and quota flags written)")
+        print(
+            f"operator {action} applied to org {args.org_id} and enforced (billing row and quota flags written)"
+        )
         if action == "unblock" and still:
             print(f"  still refused: {len(flags)} project flags remain: {', '.join(still)}")
         _print_payment_state(view)

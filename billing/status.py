@@ -103,7 +103,8 @@ async def load_org_status(
         stripe_reporting=reporting,
         recent_resets=[row["month"] for row in resets],
         webhook_events_not_applied=[
-            {key: str(row[key]) for key in ("event_id", "event_type", "status", "detail")} for row in not_applied
+            {key: str(row[key]) for key in ("event_id", "event_type", "status", "detail")}
+            for row in not_applied
         ],
     )
 

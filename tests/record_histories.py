@@ -63,7 +63,9 @@ async def record_org_billing() -> Path:
 
                     # Operator actions are updates (update-with-start), answered once enforced.
                     for action in ("block", "unblock"):
-                        request = OperatorRequest(reason=f"recorded {action}", request_id=f"recorded-{action}")
+                        request = OperatorRequest(
+                            reason=f"recorded {action}", request_id=f"recorded-{action}"
+                        )
                         await operator_update(env.client, h.settings.task_queue, org.id, action, request)
                     view = await query_org_billing_state(env.client, org.id)
                     assert view is not None and len(view.operator_actions) == 2

@@ -125,7 +125,8 @@ async def test_unblock_after_the_dashboard_wrote_blocked_itself_writes_ok_and_cl
                 [org.id],
             )
             await conn.execute(
-                "SELECT recompute_quota_flags(ARRAY[%s::uuid], %s::date)", [org.id, f"{month_key(utcnow())}-01"]
+                "SELECT recompute_quota_flags(ARRAY[%s::uuid], %s::date)",
+                [org.id, f"{month_key(utcnow())}-01"],
             )
         assert await quota_answers(h, org) == [403, 403]
         assert await operator(h, org, "unblock", "dashboard block lifted") == "ok"

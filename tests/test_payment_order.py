@@ -186,12 +186,12 @@ class Lifecycle:
         self.invoices += 1
         invoice_id = f"in_{self.invoices}"
         prices = [sp.price(), METERED] if kind == "metered" else None
-        inv = sp.invoice(
-            shape="old", invoice_id=invoice_id, subscription_id=self.subscription, prices=prices
-        )
+        inv = sp.invoice(shape="old", invoice_id=invoice_id, subscription_id=self.subscription, prices=prices)
         created = self._tick()
         self.events.append(
-            parsed(sp.invoice_event("invoice.payment_failed", inv, created=created, event_id=f"evt_{created}"))
+            parsed(
+                sp.invoice_event("invoice.payment_failed", inv, created=created, event_id=f"evt_{created}")
+            )
         )
         self.open_invoices.append((invoice_id, kind))
 
@@ -200,9 +200,7 @@ class Lifecycle:
             return
         invoice_id, kind = self.open_invoices.pop(which % len(self.open_invoices))
         prices = [sp.price(), METERED] if kind == "metered" else None
-        inv = sp.invoice(
-            shape="old", invoice_id=invoice_id, subscription_id=self.subscription, prices=prices
-        )
+        inv = sp.invoice(shape="old", invoice_id=invoice_id, subscription_id=self.subscription, prices=prices)
         created = self._tick()
         self.events.append(
             parsed(sp.invoice_event("invoice.paid", inv, created=created, event_id=f"evt_{created}"))

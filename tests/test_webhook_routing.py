@@ -69,7 +69,12 @@ async def test_an_event_whose_metadata_names_another_org_than_its_customers_is_a
     status = await load_org_status(pool, org_a.id, month_key(utcnow()), stripe_configured=False)
     assert status is not None
     assert status.webhook_events_not_applied == [
-        {"event_id": event["id"], "event_type": "invoice.payment_failed", "status": "mismatch", "detail": detail}
+        {
+            "event_id": event["id"],
+            "event_type": "invoice.payment_failed",
+            "status": "mismatch",
+            "detail": detail,
+        }
     ]
 
 
@@ -88,7 +93,8 @@ async def test_the_customers_org_wins_over_metadata_and_metadata_routes_only_an_
         assert (await h.settle(newcomer.id)).payment_status == "blocked"
         async with pool.connection() as conn:
             cursor = await conn.execute(
-                "SELECT stripe_customer_id FROM organization_billing WHERE organization_id = %s", [newcomer.id]
+                "SELECT stripe_customer_id FROM organization_billing WHERE organization_id = %s",
+                [newcomer.id],
             )
             assert await cursor.fetchone() == {"stripe_customer_id": "cus_learned_1"}
 

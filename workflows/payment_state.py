@@ -170,7 +170,8 @@ class PaymentState(BaseModel):
         description="`created` of the last applied event, per invoice/subscription/schedule",
     )
     ended_subscriptions: dict[str, EndedSubscription] = Field(
-        default_factory=dict, description="subscriptions known to have ended: their later events change nothing"
+        default_factory=dict,
+        description="subscriptions known to have ended: their later events change nothing",
     )
     live_subscription_created: int | None = Field(
         default=None, description="`created` of the newest applied event of a live (not ended) subscription"
@@ -186,7 +187,10 @@ class PaymentState(BaseModel):
     def _pending_components(self) -> PaymentState:
         """A state given only `pending_plan` (seeded from the database, or carried over from a run that
         predates the components) keeps it: it is attributed to its source."""
-        if self.pending_plan is not None and (self.cancellation_pending, self.schedule_pending) == (None, None):
+        if self.pending_plan is not None and (self.cancellation_pending, self.schedule_pending) == (
+            None,
+            None,
+        ):
             if self.pending_plan_source == "cancellation":
                 self.cancellation_pending = self.pending_plan
             elif self.pending_plan_source != "payment_failure" or not self.failed_plan:
