@@ -230,3 +230,16 @@ async def test_operator_updates_amid_continue_as_new_are_all_answered_and_enforc
     assert [a.action for a in view.operator_actions] == ["block"] * 6 + ["unblock"]
     assert view.events_applied == len(events) + 7
     assert described.run_id != handle.first_execution_run_id
+
+
+async def test_an_operator_request_sent_again_is_applied_once(
+    database_url: str, pool: AsyncConnectionPool, client: Client
+) -> None:
+    org = await paid_org(pool, plan="pro", projects=1)
+    request = OperatorRequest(reason="sent twice", request_id=uuid.uuid4().hex)
+    async with harness(database_url, pool, client) as h:
+        first = await operator_update(h.client, h.settings.task_queue, org.id, "block", request)
+        again = await operator_update(h.client, h.settings.task_queue, org.id, "block", request)
+    assert (first.payment_status, again.payment_status) == ("blocked", "blocked")
+    assert [a.reason for a in again.operator_actions] == ["sent twice"]
+    assert again.operator_request_ids == [request.request_id]

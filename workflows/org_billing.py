@@ -169,7 +169,9 @@ class OrgBillingWorkflow:
     ) -> OrgBillingView:
         request_id = request.request_id or str(workflow.uuid4())
         request = request.model_copy(update={"request_id": request_id})
-        if request_id not in self._committed:  # a retried update is answered, not applied twice
+        # A retried request (the CLI run again after a timeout) is answered, not applied twice; the
+        # recent ids are carried across continue-as-new.
+        if request_id not in self._committed and request_id not in self._operator_request_ids:
             self._awaited.add(request_id)
             self._queue.append(QueuedSignal(kind=kind, operator=request))
             await workflow.wait_condition(lambda: request_id in self._committed)
