@@ -162,6 +162,9 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         plural = "s" if report.reports != 1 else ""
         print(f"    {report.status}: {report.reports} report{plural}, {report.quantity:,} units{why}")
     print(f"  resets: {', '.join(status.recent_resets) or 'none yet'}")
+    for event in status.webhook_events_not_applied:
+        print(f"  Stripe event not applied ({event['status']}): {event['event_id']} {event['event_type']}: "
+              f"{event['detail']}")  # fmt: skip
     if status.temporal_error:
         print(f"  workflows and payment state machine: unknown, {status.temporal_error}")
         return 0
@@ -195,10 +198,18 @@ def _print_payment_state(view: Any) -> None:
         print(f"    recent: {recent.type} {recent.id}: {recent.outcome}")
 
 
-async def _operator(args: argparse.Namespace, settings: Settings, signal: str) -> int:
-    """Signal-with-start the org workflow with an operator action; wait until it is applied; print state."""
+OPERATOR_TIMEOUT_SECONDS = 60.0
+
+
+async def _operator(args: argparse.Namespace, settings: Settings, action: str) -> int:
+    """Update-with-start the org workflow with an operator action; print the state once it is enforced.
+
+    The update returns only after the billing row and the quota flags are committed, so when this
+    prints, the gateway already answers accordingly. After an unblock, any flag that still refuses the
+    org's writes (a free plan over its limit) is named.
+    """
     from billing.models_billing import OperatorRequest
-    from billing.org_billing import query_org_billing_state, signal_org_billing
+    from billing.org_billing import operator_update
     from billing.services import open_services
     from billing.sql import query
 
@@ -208,34 +219,43 @@ async def _operator(args: argparse.Namespace, settings: Settings, signal: str) -
             row = await (await conn.execute(query("org_exists"), {"org_id": args.org_id})).fetchone()
         if not row or not row["found"]:
             raise UserError(f"organization {args.org_id} does not exist")
-        await signal_org_billing(services.client, settings.task_queue, args.org_id, signal, request)
-        view = None
-        for _ in range(150):  # up to ~30 s for a worker to apply it
-            view = await query_org_billing_state(services.client, args.org_id)
-            if view is not None and request.request_id in view.operator_request_ids:
-                break
-            await asyncio.sleep(0.2)
-        else:
-            raise UserError(
-                f"{signal} was recorded in org-billing/{args.org_id} but not applied within 30 s; "
-                f"is a worker running on task queue {settings.task_queue!r}?"
+        try:
+            view = await asyncio.wait_for(
+                operator_update(services.client, settings.task_queue, args.org_id, action, request),
+                OPERATOR_TIMEOUT_SECONDS,
             )
+        except TimeoutError:
+            raise UserError(
+                f"{action} of org {args.org_id} not confirmed within {OPERATOR_TIMEOUT_SECONDS:.0f} s, so it "
+                f"may not be enforced yet; is a worker running on task queue {settings.task_queue!r}? "
+                "Run the command again (it applies once) or check `billing status`"
+            ) from None
+        async with services.pool.connection() as conn:
+            cursor = await conn.execute(query("org_flagged_projects"), {"org_id": args.org_id})
+            flags = await cursor.fetchall()
+    still = sorted({f"{flag['tag']} ({flag['reason']})" for flag in flags})
     if args.json:
         print(view.model_dump_json(indent=2))
     else:
-        print(f"{signal.replace('_', ' ')} applied to org {args.org_id}")
+        print(
+            f"operator {action} applied to org {args.org_id} and enforced (billing row and quota flags written)"
+        )
+        if action == "unblock" and still:
+            print(f"  still refused: {len(flags)} project flags remain: {', '.join(still)}")
         _print_payment_state(view)
+    if action == "unblock" and still and args.json:
+        print(f"billing: note: still refused: {', '.join(still)}", file=sys.stderr)
     return 0
 
 
 async def cmd_block(args: argparse.Namespace, settings: Settings) -> int:
-    """Block an org (every project flagged) until an operator unblocks it."""
-    return await _operator(args, settings, "operator_block")
+    """Block an org (every project flagged) until an operator unblocks it; returns once enforced."""
+    return await _operator(args, settings, "block")
 
 
 async def cmd_unblock(args: argparse.Namespace, settings: Settings) -> int:
-    """Lift an operator block and every open metered failure of an org."""
-    return await _operator(args, settings, "operator_unblock")
+    """Lift an operator block and every open metered failure of an org; returns once enforced."""
+    return await _operator(args, settings, "unblock")
 
 
 async def _clock_now(settings: Settings) -> datetime:

@@ -61,6 +61,8 @@ class OrgStatus(BaseModel):
     stripe_reports: list[ReportCount]
     stripe_reporting: str
     recent_resets: list[str]
+    # Recent Stripe events recorded but not applied on purpose (mismatch, ignored), with why.
+    webhook_events_not_applied: list[dict[str, str]] = []
     workflows: list[WorkflowSummary] = []
     # The org-billing workflow's `state` query, when that workflow exists and answers.
     payment_state: OrgBillingView | None = None
@@ -81,6 +83,7 @@ async def load_org_status(
         flags = await (await conn.execute(query("org_flagged_projects"), params)).fetchall()
         reports = await (await conn.execute(query("org_report_counts"), params)).fetchall()
         resets = await (await conn.execute(query("org_resets"), params)).fetchall()
+        not_applied = await (await conn.execute(query("org_webhook_problems"), params)).fetchall()
     pending = sum(r["reports"] for r in reports if r["status"] == "pending")
     if not stripe_configured and pending:
         reporting = (
@@ -99,6 +102,10 @@ async def load_org_status(
         stripe_reports=[ReportCount(**row) for row in reports],
         stripe_reporting=reporting,
         recent_resets=[row["month"] for row in resets],
+        webhook_events_not_applied=[
+            {key: str(row[key]) for key in ("event_id", "event_type", "status", "detail")}
+            for row in not_applied
+        ],
     )
 
 

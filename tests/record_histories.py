@@ -19,7 +19,7 @@ from billing.db import open_pool
 from billing.ids import monthly_reset_id, org_billing_id, stripe_report_id, usage_sync_id
 from billing.models_billing import OperatorRequest
 from billing.months import month_key, parse_month
-from billing.org_billing import query_org_billing_state
+from billing.org_billing import operator_update, query_org_billing_state
 from billing.scratch import scratch_database, temporal_dev_server
 from billing.usage_batches import parse_metrics, run_usage_sync, stage_batch
 from tests import stripe_payloads as sp
@@ -61,13 +61,14 @@ async def record_org_billing() -> Path:
                     await h.settle(org.id)
                     handle = env.client.get_workflow_handle(org_billing_id(org.id))
 
-                    await handle.signal("operator_block", OperatorRequest(reason="recorded block"))
-                    await handle.signal("operator_unblock", OperatorRequest(reason="recorded unblock"))
-                    for _ in range(200):
-                        view = await query_org_billing_state(env.client, org.id)
-                        if view is not None and len(view.operator_actions) == 2 and view.queued == 0:
-                            break
-                        await asyncio.sleep(0.05)
+                    # Operator actions are updates (update-with-start), answered once enforced.
+                    for action in ("block", "unblock"):
+                        request = OperatorRequest(
+                            reason=f"recorded {action}", request_id=f"recorded-{action}"
+                        )
+                        await operator_update(env.client, h.settings.task_queue, org.id, action, request)
+                    view = await query_org_billing_state(env.client, org.id)
+                    assert view is not None and len(view.operator_actions) == 2
                     history = await handle.fetch_history()
             finally:
                 await pool.close()
