@@ -18,7 +18,9 @@ def verb(count: int, singular: str, many: str) -> str:
 
 
 def gib(size: int) -> str:
-    """Bytes in GiB with up to two decimals (``1.5 GiB``, ``1 GiB``, ``0 GiB``)."""
+    """Bytes in GiB with up to two decimals (``1.5 GiB``, ``1 GiB``, ``0 GiB``; ``<0.01 GiB`` above 0)."""
+    if 0 < size < GIB / 100:
+        return "<0.01 GiB"  # never "0 GiB" for something that is there (1 byte over is over)
     text = f"{size / GIB:,.2f}".rstrip("0").rstrip(".")
     return f"{text} GiB"
 

@@ -159,7 +159,9 @@ class Stack:
 
     def billing(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         """The CLI with the dev stack's settings (what `source .data/dev.env` gives)."""
-        return self.shell("source .data/dev.env && billing " + " ".join(f"'{a}'" for a in args), **env)
+        # By path, not through PATH: these tests are about the command, the walk tests the PATH.
+        quoted = " ".join(f"'{arg}'" for arg in args)
+        return self.shell(f"source .data/dev.env && {VENV_BIN / 'billing'} {quoted}", **env)
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +247,7 @@ def test_status_into_a_closed_pipe_ends_quietly(stack: Stack) -> None:
     os.close(read_end)
     try:
         result = subprocess.run(
-            ["bash", "-c", f"source .data/dev.env && billing status {ORG}"],
+            ["bash", "-c", f"source .data/dev.env && {VENV_BIN / 'billing'} status {ORG}"],
             cwd=stack.workdir,
             env={"PATH": BASE_PATH, "HOME": os.environ.get("HOME", "/tmp")},
             stdout=write_end,
