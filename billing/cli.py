@@ -226,7 +226,7 @@ def _print_payment_state(view: Any) -> None:
     for recent in view.recent_events[-5:]:
         # An operator action's id is made of its type and epoch seconds: the time says it better.
         source = "" if recent.id.startswith("operator:") else f" {recent.id}"
-        print(f"    recent: {iso(recent.created)} {recent.type}{source}: {recent.outcome}")
+        print(f"    recent: {recent.type}{source} at {iso(recent.created)}: {recent.outcome}")
 
 
 async def _operator(args: argparse.Namespace, settings: Settings, signal: str) -> int:
