@@ -6,11 +6,14 @@ dev server are gone and their ports are free again.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -76,12 +79,28 @@ def _wait_until_gone(data_dir: Path, ports: list[int], seconds: float = 30) -> l
         time.sleep(0.2)
 
 
+@contextlib.contextmanager
+def _data_dir(prefix: str) -> Iterator[Path]:
+    """A data directory outside pytest's own temp root.
+
+    The embedded PostgreSQL runs as another user when we are root, so every parent directory must stay
+    traversable; pytest tightens ``/tmp/pytest-of-<user>`` back to 0700 whenever any pytest starts
+    (another session on the machine, say), which would pull the ground from under it.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    try:
+        yield path / "data"
+    finally:
+        _kill_leftovers(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def pg_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def pg_data() -> Iterator[Path]:
     """One data directory for every start below: the first start pays for initdb, the others reuse it."""
-    path = tmp_path_factory.mktemp("devsignals") / "data"
-    yield path
-    _kill_leftovers(path)
+    with _data_dir("billing-devsignals-") as path:
+        yield path
 
 
 def _kill_leftovers(data_dir: Path) -> None:
@@ -171,8 +190,12 @@ def test_a_signal_at_any_moment_of_the_start_stops_everything(
     assert not left, f"left running after {signum.name} at {delay} s: {left}\n{output}"
 
 
-def test_make_dev_does_not_leave_billing_dev_running_when_make_exits(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+def test_make_dev_does_not_leave_billing_dev_running_when_make_exits() -> None:
+    with _data_dir("billing-makedev-") as data_dir:
+        _make_dev_then_kill_make(data_dir)
+
+
+def _make_dev_then_kill_make(data_dir: Path) -> None:
     temporal_port, ui_port, api_port = _free_port(), _free_port(), _free_port()
     env = {
         **os.environ,
