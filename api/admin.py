@@ -111,6 +111,17 @@ async def put_plan(request: Request) -> JSONResponse:
     return JSONResponse({"plan": plan, "limits": body.limits})
 
 
+async def get_plan(request: Request) -> JSONResponse:
+    """A plan's included quantities, as ``PUT /v1/plans/{plan}`` takes them (null: unlimited)."""
+    require_bearer(request)
+    plan = request.path_params["plan"]
+    if plan not in ("free", "pro", "team"):
+        raise ApiError(400, f"unknown plan {plan[:40]!r}; plans are free, pro and team")
+    async with request.app.state.pool.connection() as conn:
+        rows = await (await conn.execute(query("plan_limits"), {"plan": plan})).fetchall()
+    return JSONResponse({"plan": plan, "limits": {row["tag"]: row["included"] for row in rows}})
+
+
 async def get_org(request: Request) -> JSONResponse:
     """The org's plan, payment status, usage against limits, flags and pending Stripe reports."""
     require_bearer(request)

@@ -23,6 +23,7 @@ def create_app(settings: Settings, pool: AsyncConnectionPool, client: Client) ->
         Route("/v1/orgs/{org_id}", admin.get_org, methods=["GET"]),
         Route("/v1/orgs/{org_id}/projects/{project_id}", admin.put_project, methods=["PUT"]),
         Route("/v1/plans/{plan}", admin.put_plan, methods=["PUT"]),
+        Route("/v1/plans/{plan}", admin.get_plan, methods=["GET"]),
         Route("/v1/metrics", usage.post_metrics, methods=["POST"]),
         Route("/v1/projects/{project_id}/quota", usage.get_quota, methods=["GET"]),
         Route("/v1/stripe/webhook", webhooks.stripe_webhook, methods=["POST"]),

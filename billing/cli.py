@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from billing.config import Settings
 from billing.errors import UserError
+from billing.humanize import gib, iso, plural, verb
 
 EXIT_USAGE = 2
 
@@ -109,7 +110,11 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     from billing.devstack import run_dev
 
     return await run_dev(
-        settings, data_dir=args.data_dir, temporal_port=args.temporal_port, ui_port=args.ui_port
+        settings,
+        data_dir=args.data_dir,
+        temporal_port=args.temporal_port,
+        ui_port=args.ui_port,
+        with_parent=args.exit_with_parent,
     )
 
 
@@ -149,18 +154,21 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     reason = f" ({status.payment_status_reason})" if status.payment_status_reason else ""
     print(f"  payment status: {status.payment_status}{reason}")
     if status.period_end:
-        print(f"  period end: {status.period_end:%Y-%m-%d %H:%M} UTC")
-    print(f"  usage {status.month}:")
+        print(f"  period end: {iso(status.period_end)}")
+    # Quota flags are the org's current ones: shown on the current month only.
+    current = status.month == current_month()
+    print(
+        f"  usage {status.month}:"
+        + ("" if current else " (quota flags are current: not shown for a past month)")
+    )
     for meter in status.usage:
-        limit = "unlimited" if meter.included is None else f"{meter.included:,}"
-        flag = "  EXCESS" if meter.excess else ""
-        over = f"  over by {meter.over_by:,}" if meter.over_by and meter.included is not None else ""
-        print(f"    {meter.tag:<30} {meter.used:>16,} / {limit}{over}{flag}")
+        print(f"    {_usage_line(meter, status.plan, status.payment_status if current else None)}")
     print(f"  stripe reporting: {status.stripe_reporting}")
     for report in status.stripe_reports:
         why = f" (last: {report.last_reason})" if report.last_reason else ""
-        plural = "s" if report.reports != 1 else ""
-        print(f"    {report.status}: {report.reports} report{plural}, {report.quantity:,} units{why}")
+        print(
+            f"    {report.status}: {plural(report.reports, 'report')}, {plural(report.quantity, 'unit')}{why}"
+        )
     print(f"  resets: {', '.join(status.recent_resets) or 'none yet'}")
     for event in status.webhook_events_not_applied:
         print(f"  Stripe event not applied ({event['status']}): {event['event_id']} {event['event_type']}: "
@@ -168,11 +176,33 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if status.temporal_error:
         print(f"  workflows and payment state machine: unknown, {status.temporal_error}")
         return 0
-    print("  workflows:")
+    if not status.workflows:
+        print("  workflows: none yet")
+    else:
+        print("  workflows:")
     for wf in status.workflows:
-        print(f"    {wf.status:<11} {wf.workflow_id}")
+        print(f"    {wf.status:<11} {wf.workflow_id}  (started {iso(wf.started_at)})")
     _print_payment_state(status.payment_state)
     return 0
+
+
+def _usage_line(meter: Any, plan: str, payment_status: str | None) -> str:
+    """One meter's usage against its limit; storage in GiB; a flag says why (``payment_status`` None: no flag)."""
+
+    def amount(value: int) -> str:
+        return gib(value) if meter.tag == "storage.usage" else f"{value:,}"
+
+    limit = "unlimited" if meter.included is None else amount(meter.included)
+    over = f"  over by {amount(meter.over_by)}" if meter.over_by and meter.included is not None else ""
+    flag = ""
+    if meter.excess and payment_status is not None:
+        why = []
+        if meter.over_by and plan == "free":
+            why.append("over the free plan's limit")
+        if payment_status == "blocked":
+            why.append("org payment-blocked")
+        flag = "  EXCESS" + (f" ({', '.join(why)})" if why else "")
+    return f"{meter.tag:<30} {amount(meter.used):>16} / {limit}{over}{flag}"
 
 
 def _print_payment_state(view: Any) -> None:
@@ -192,10 +222,15 @@ def _print_payment_state(view: Any) -> None:
         print(f"    open {failed.kind} failure: {failed.invoice_id}: {failed.reason}")
     if view.last_stripe_refusal is not None:
         refusal = view.last_stripe_refusal
-        print(f"    last Stripe refusal: {refusal.action} of {refusal.subscription_id}: {refusal.message}")
+        print(
+            f"    last Stripe refusal at {iso(refusal.at)}: {refusal.action} of {refusal.subscription_id}: "
+            f"{refusal.message}"
+        )
     print(f"    events applied: {view.events_applied}, queued: {view.queued}")
     for recent in view.recent_events[-5:]:
-        print(f"    recent: {recent.type} {recent.id}: {recent.outcome}")
+        # An operator action's id is made of its type and epoch seconds: the time says it better.
+        source = "" if recent.id.startswith("operator:") else f" {recent.id}"
+        print(f"    recent: {recent.type}{source} at {iso(recent.created)}: {recent.outcome}")
 
 
 OPERATOR_TIMEOUT_SECONDS = 60.0
@@ -319,7 +354,8 @@ async def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
         raise UserError(f"{outcome.workflow_id} failed: {exc.cause or exc}") from None
     verdict = "done" if reset.claimed else "already done"
     text = f"{outcome.workflow_id}: {verdict}{rerun}" + (
-        f"; closed {reset.closed_month} ({reset.tags_closed} meters), {reset.flags} quota flags"
+        f"; closed {reset.closed_month} ({plural(reset.tags_closed, 'meter')}), "
+        f"{plural(reset.flags, 'quota flag')}"
         if reset.claimed
         else ""
     )
@@ -371,6 +407,9 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     pool = await open_pool(settings.require_database_url(), max_size=2)
     try:
         report = await reconcile(pool, stripe_client, args.org_id, args.month)
+    except stripe.APIConnectionError:
+        base = settings.stripe_api_base or "https://api.stripe.com"
+        raise UserError(f"cannot reach Stripe at {base}; check the network or STRIPE_API_BASE") from None
     except stripe.StripeError as exc:
         raise UserError(
             f"Stripe answered {exc.http_status or 'nothing'}: {exc.user_message or exc}"
@@ -394,7 +433,11 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
             f"  {meter.event_name:<22} {meter.ledger:>14,} {meter.stripe:>14,} {meter.difference:>+12,}{note}"
         )
     differing = sum(1 for meter in report.meters if meter.difference != 0)
-    print("all meters match" if not differing else f"{differing} meter(s) differ")
+    print(
+        "all meters match"
+        if not differing
+        else f"{plural(differing, 'meter')} {verb(differing, 'differs', 'differ')}"
+    )
     return 0 if report.matches else 1
 
 
@@ -402,13 +445,11 @@ async def cmd_report_pending(args: argparse.Namespace, settings: Settings) -> in
     """Start stripe-report workflows now for orgs with pending reports (else the hourly job does)."""
     from datetime import UTC, datetime
 
-    from billing.errors import ConfigError
     from billing.reporting import start_stripe_reports
     from billing.services import open_services
     from billing.sql import query
 
-    if settings.stripe_api_key is None:
-        raise ConfigError("STRIPE_API_KEY", "not set: reports stay pending until the workers have a key")
+    # No check of this shell's STRIPE_API_KEY: the workers send, and only their key matters (below).
     async with open_services(settings, pool_size=2) as services:
         org_ids: list[str] = []
         cursor: str | None = None
@@ -427,13 +468,36 @@ async def cmd_report_pending(args: argparse.Namespace, settings: Settings) -> in
         if args.org_id:
             org_ids = [org_id for org_id in org_ids if org_id == args.org_id]
         starts = await start_stripe_reports(services.client, settings.task_queue, org_ids, datetime.now(UTC))
+        if starts.workflow_ids:
+            await _refuse_if_workers_have_no_key(services.client, starts.workflow_ids[0])
     result = {"orgs": len(org_ids), "started": starts.started, "already_running": starts.already_running}
     text = (
-        f"reports for {len(org_ids)} orgs with pending rows: {starts.started} started, "
+        f"reports for {plural(len(org_ids), 'org')} with pending rows: {starts.started} started, "
         f"{starts.already_running} already running"
     )
     _print({**result, "workflow_ids": starts.workflow_ids}, args.json, text)
     return 0
+
+
+async def _refuse_if_workers_have_no_key(client: Any, workflow_id: str) -> None:
+    """UserError when the workers that run the reports have no STRIPE_API_KEY (nothing will be sent).
+
+    Whether they have one is known only to them: a report run without a key completes at once saying
+    so, so wait briefly for the first one; a run still busy after that is sending.
+    """
+    from billing.models_stripe import StripeReportResult
+
+    handle = client.get_workflow_handle(workflow_id, result_type=StripeReportResult)
+    try:
+        result = await asyncio.wait_for(handle.result(), 10)
+    except Exception:
+        return  # still running (sending), or ended some other way the UI shows: not this question
+    if not result.stripe_configured:
+        raise UserError(
+            f"nothing will be sent: the workers have no STRIPE_API_KEY, so {plural(result.pending, 'report')} "
+            f"{verb(result.pending, 'stays', 'stay')} pending (none lost); set STRIPE_API_KEY where the "
+            "workers run (the `make dev` shell) and restart them"
+        )
 
 
 def _number(value: str) -> int | float:
@@ -461,6 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument(
         "--ui-port", type=int, default=8233, help="embedded Temporal Web UI's port (default 8233)"
+    )
+    dev.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when the parent process ends (`make dev` uses it, so make never leaves it behind)",
     )
     add("worker", cmd_worker, "run a Temporal worker on BILLING_TASK_QUEUE")
     add("api", cmd_api, "serve the HTTP API on BILLING_HTTP_ADDR")
@@ -520,10 +589,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         settings = Settings.load()
         return asyncio.run(args.handler(args, settings))
     except UserError as exc:
-        print(f"billing: error: {exc}", file=sys.stderr)
+        # One line, whatever the message's source put in it (Stripe's messages have several).
+        print(f"billing: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `billing status ORG | head -3`: the reader has what it wanted; end quietly, like `cat`.
+        _discard_stdout()
+        return 0
     except Exception as exc:
         if os.environ.get("BILLING_DEBUG"):
             traceback.print_exc()
@@ -534,10 +608,20 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered for a closed pipe is silent."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point."""
     code = run(argv)
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
     sys.stderr.flush()
     # The Temporal SDK's native runtime can abort in interpreter finalisation; nothing is left to
     # flush or close here, so leave without running it.

@@ -90,7 +90,11 @@ class Settings(BaseSettings):
     def require_database_url(self) -> str:
         """The PostgreSQL URL, or ConfigError when it is not set."""
         if not self.database_url:
-            raise ConfigError("DATABASE_URL", "not set (only `billing dev` starts an embedded PostgreSQL)")
+            raise ConfigError(
+                "DATABASE_URL",
+                "not set; `source .data/dev.env` to use the `make dev` stack (start it with `make dev`), "
+                "or export DATABASE_URL=postgresql://...",
+            )
         return self.database_url
 
     def require_api_token(self) -> str:

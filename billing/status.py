@@ -8,6 +8,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from temporalio.client import Client
 
+from billing.humanize import plural, verb
 from billing.models_billing import OrgBillingView
 from billing.months import parse_month
 from billing.sql import query
@@ -87,8 +88,8 @@ async def load_org_status(
     pending = sum(r["reports"] for r in reports if r["status"] == "pending")
     if not stripe_configured and pending:
         reporting = (
-            f"STRIPE_API_KEY is not set: {pending} report{'s' if pending != 1 else ''} "
-            "wait in the outbox as pending, none lost"
+            f"STRIPE_API_KEY is not set: {plural(pending, 'report')} "
+            f"{verb(pending, 'waits', 'wait')} in the outbox as pending, none lost"
         )
     elif not stripe_configured:
         reporting = "STRIPE_API_KEY is not set: overage will wait in the outbox until it is"

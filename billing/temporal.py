@@ -53,9 +53,16 @@ async def connect(settings: Settings, *, wait_seconds: float = 10.0) -> Client:
             wait_seconds,
         )
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "timed out"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        # The SDK's transport errors (`tonic::transport::Error(Transport, ConnectError(...))`) and a
+        # timeout both mean nobody answers there: say that, and what usually fixes it.
+        if not reason or "transport" in reason.lower() or "connect" in reason.lower():
+            raise ConfigError(
+                "TEMPORAL_ADDRESS",
+                f"cannot reach Temporal at {settings.temporal_address} — is `make dev` running?",
+            ) from None
         raise ConfigError(
-            "TEMPORAL_ADDRESS", f"Temporal at {settings.temporal_address} does not answer ({reason})"
+            "TEMPORAL_ADDRESS", f"Temporal at {settings.temporal_address} refused the connection ({reason})"
         ) from None
 
 

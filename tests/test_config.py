@@ -86,6 +86,6 @@ async def test_status_still_shows_what_postgresql_knows_when_temporal_is_down(
     assert "plan: pro" in result.stdout
     assert "task.created" in result.stdout
     assert (
-        "workflows and payment state machine: unknown, TEMPORAL_ADDRESS: Temporal at 127.0.0.1:1"
+        "workflows and payment state machine: unknown, TEMPORAL_ADDRESS: cannot reach Temporal at 127.0.0.1:1"
         in result.stdout
     )
