@@ -276,7 +276,8 @@ async def _operator(args: argparse.Namespace, settings: Settings, action: str) -
             f"operator {action} applied to org {args.org_id} and enforced (billing row and quota flags written)"
         )
         if action == "unblock" and still:
-            print(f"  still refused: {len(flags)} project flags remain: {', '.join(still)}")
+            remain = verb(len(flags), "remains", "remain")
+            print(f"  still refused: {plural(len(flags), 'project flag')} {remain}: {', '.join(still)}")
         _print_payment_state(view)
     if action == "unblock" and still and args.json:
         print(f"billing: note: still refused: {', '.join(still)}", file=sys.stderr)

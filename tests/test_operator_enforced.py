@@ -177,7 +177,7 @@ async def test_unblock_names_what_still_refuses_the_orgs_writes(
         assert await operator(h, org, "block", "chargeback") == "blocked"
         unblocked = await asyncio.to_thread(_billing, h.settings, "unblock", org.id, "--reason", "paid")
         assert unblocked.returncode == 0, unblocked.stderr
-        assert "still refused: 1 project flags remain: task.created (over_limit)" in unblocked.stdout
+        assert "still refused: 1 project flag remains: task.created (over_limit)" in unblocked.stdout
         assert await quota_answers(h, org) == [403]
 
 
