@@ -6,9 +6,38 @@ Every workflow and activity takes one model and returns one model.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 MONTH_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
+
+# Bounds of what input may carry into SQL: bigint columns, and text columns of names, tags and ids.
+MAX_BIGINT = 2**63 - 1
+MAX_NAME_LENGTH = 200
+MAX_TAG_LENGTH = 200
+MAX_ID_LENGTH = 255
+
+
+def refuse_control_characters(value: str) -> str:
+    """``value`` unless it holds a control character (NUL, newline, DEL, ...): those are refused."""
+    for char in value:
+        if ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0:
+            raise ValueError(f"must not contain control characters (found U+{ord(char):04X})")
+    return value
+
+
+# Strict: a JSON integer only (no booleans, strings or floats), in the range of a bigint column.
+Count = Annotated[int, Field(strict=True, ge=0, le=MAX_BIGINT)]
+# Text that reaches a text column: bounded, and without control characters (PostgreSQL refuses NUL).
+Name = Annotated[
+    str, StringConstraints(strict=True, max_length=MAX_NAME_LENGTH), AfterValidator(refuse_control_characters)
+]
+Tag = Annotated[
+    str,
+    StringConstraints(strict=True, min_length=1, max_length=MAX_TAG_LENGTH),
+    AfterValidator(refuse_control_characters),
+]
 
 
 class Model(BaseModel):

@@ -18,6 +18,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
 from billing.ids import usage_sync_id
+from billing.models import MAX_TAG_LENGTH, refuse_control_characters
 from billing.models_sync import PARTIAL_BATCH_ERROR, UsageSyncInput, UsageSyncResult
 from billing.sql import query
 
@@ -55,6 +56,12 @@ def _timestamp(value: object) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _shown(value: object) -> str:
+    """``value`` as it is echoed in a rejection reason: repr, at most 80 characters (input is unbounded)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _parse_row(batch_id: str, index: int, item: dict[str, Any]) -> StagedRow | str:
     """The row to stage, or why it is rejected. Tags and projects are checked by the apply (data)."""
     missing = [name for name in FIELDS if item.get(name) is None]
@@ -65,20 +72,26 @@ def _parse_row(batch_id: str, index: int, item: dict[str, Any]) -> StagedRow | s
     except ValueError:
         project_id = None
     if project_id is None:
-        return f"project_id is not a UUID: {item['project_id']!r}"
+        return f"project_id is not a UUID: {_shown(item['project_id'])}"
     tag = item["tag"]
     if not isinstance(tag, str) or not tag:
-        return f"tag must be a non-empty string, got {tag!r}"
+        return f"tag must be a non-empty string, got {_shown(tag)}"
+    if len(tag) > MAX_TAG_LENGTH:
+        return f"tag is longer than {MAX_TAG_LENGTH} characters: {_shown(tag)}"
+    try:
+        refuse_control_characters(tag)
+    except ValueError as exc:
+        return f"tag {exc}: {_shown(tag)}"
     increment = item["increment"]
     # bool is an int in Python, not in JSON's sense of a counter.
     if type(increment) is not int or not 0 <= increment <= _MAX_BIGINT:
-        return f"increment must be a non-negative integer, got {increment!r}"
+        return f"increment must be a non-negative integer, got {_shown(increment)}"
     created_at = _timestamp(item["created_at"])
     if created_at is None:
-        return f"created_at is not an ISO 8601 timestamp: {item['created_at']!r}"
+        return f"created_at is not an ISO 8601 timestamp: {_shown(item['created_at'])}"
     updated_at = _timestamp(item["updated_at"])
     if updated_at is None:
-        return f"updated_at is not an ISO 8601 timestamp: {item['updated_at']!r}"
+        return f"updated_at is not an ISO 8601 timestamp: {_shown(item['updated_at'])}"
     return (batch_id, index, project_id, tag, created_at, updated_at, increment)
 
 
