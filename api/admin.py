@@ -49,6 +49,21 @@ class PlanBody(BaseModel):
     limits: dict[Tag, Limit] = Field(max_length=64)
 
 
+class ProjectAnswer(BaseModel):
+    """``PUT /v1/orgs/{org_id}/projects/{project_id}``: the attachment as stored."""
+
+    org_id: str
+    project_id: str
+    name: str | None
+
+
+class PlanAnswer(BaseModel):
+    """``PUT /v1/plans/{plan}``: the limits just set."""
+
+    plan: PlanName
+    limits: dict[str, int]
+
+
 async def _recompute_flags(conn: psycopg.AsyncConnection, org_ids: list[str]) -> None:
     await conn.execute(
         query("recompute_quota_flags"), {"org_ids": org_ids, "month": parse_month(current_month())}
@@ -88,7 +103,7 @@ async def put_project(request: Request) -> JSONResponse:
         raise ApiError(
             404, f"organization {org_id} does not exist; create it with PUT /v1/orgs/{org_id}"
         ) from None
-    return JSONResponse(row)
+    return JSONResponse(ProjectAnswer.model_validate(row).model_dump(mode="json"))
 
 
 async def put_plan(request: Request) -> JSONResponse:
@@ -115,7 +130,7 @@ async def put_plan(request: Request) -> JSONResponse:
         assert row is not None
         if row["org_ids"]:
             await _recompute_flags(conn, row["org_ids"])
-    return JSONResponse({"plan": plan, "limits": body.limits})
+    return JSONResponse(PlanAnswer(plan=plan, limits=body.limits).model_dump(mode="json"))
 
 
 async def get_org(request: Request) -> JSONResponse:
