@@ -99,3 +99,28 @@ class StartResetsResult(Model):
     started: int
     already_started: int
     last_org_id: str | None
+
+
+class PurgeInput(Model):
+    """One purge pass (the retention workflow's activity): at most ``max_chunks`` DELETEs of at most
+    ``chunk`` rows each, every DELETE its own transaction."""
+
+    chunk: int = Field(default=2000, ge=1, le=50_000)
+    max_chunks: int = Field(default=200, ge=1, le=10_000)
+
+
+class PurgeResult(Model):
+    """What a purge pass deleted, and whether anything past the retention is left (``more``)."""
+
+    batch_rows: int = 0
+    batch_rejections: int = 0
+    batches: int = 0
+    webhook_events: int = 0
+    more: bool = False
+
+
+class RetentionInput(Model):
+    """The ``retention-daily`` schedule's argument; the totals carry progress across continue-as-new."""
+
+    chunk: int = Field(default=2000, ge=1, le=50_000)
+    totals: PurgeResult = PurgeResult()
