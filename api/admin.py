@@ -45,7 +45,8 @@ class PlanBody(BaseModel):
     """``PUT /v1/plans/{plan}``: included quantity per meter tag."""
 
     model_config = ConfigDict(extra="forbid")
-    # JSON integers only, 0 to 2^63-1 (the bigint column); at most one entry per meter and then some.
+    # JSON integers only, at most 2^63-1 (the bigint column; negatives refused in put_plan); at most
+    # one entry per meter and then some.
     limits: dict[Tag, Limit] = Field(max_length=64)
 
 
