@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import httpx
@@ -18,7 +19,14 @@ from temporalio.testing import WorkflowEnvironment
 
 from billing.scratch import fresh_database
 from tests.conftest import API_TOKEN
-from tests.process_support import PeakSampler, Process, billing_process, process_env, stream_request
+from tests.process_support import (
+    PeakSampler,
+    Process,
+    RawAnswer,
+    billing_process,
+    process_env,
+    stream_request,
+)
 from tests.stripe_server import sign_payload
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -58,7 +66,7 @@ def api(api_env: dict[str, str]) -> Iterator[Process]:
         yield process
 
 
-def _growth_kb(process: Process, send: callable) -> tuple[int, int, object]:  # type: ignore[valid-type]
+def _growth_kb(process: Process, send: Callable[[], RawAnswer]) -> tuple[int, int, RawAnswer]:
     """Run ``send`` and return (peak RSS growth, peak high-water-mark growth, what send returned)."""
     rss_before, hwm_before = process.memory_kb()
     with PeakSampler(process) as sampler:
@@ -77,7 +85,7 @@ def test_300_mb_chunked_webhook_body_leaves_the_server_memory_flat(
     rss_growth, hwm_growth, answer = _growth_kb(
         api, lambda: stream_request(api.port, "POST", "/v1/stripe/webhook", headers, 300 * MB, CHUNK)
     )
-    assert answer.status == status  # type: ignore[attr-defined]
+    assert answer.status == status
     assert rss_growth < GROWTH_LIMIT_KB, f"RSS grew by {rss_growth} kB"
     assert hwm_growth < GROWTH_LIMIT_KB, f"peak RSS grew by {hwm_growth} kB"
 
@@ -96,8 +104,8 @@ def test_huge_admin_bodies_leave_the_server_memory_flat(api: Process, path: str,
     rss_growth, hwm_growth, answer = _growth_kb(
         api, lambda: stream_request(api.port, "PUT", target, AUTH, size_mb * MB, CHUNK)
     )
-    assert answer.status == 413  # type: ignore[attr-defined]
-    assert json.loads(answer.body)["msg"] == "body exceeds 65,536 bytes"  # type: ignore[attr-defined]
+    assert answer.status == 413
+    assert json.loads(answer.body)["msg"] == "body exceeds 65,536 bytes"
     assert rss_growth < GROWTH_LIMIT_KB, f"RSS grew by {rss_growth} kB"
     assert hwm_growth < GROWTH_LIMIT_KB, f"peak RSS grew by {hwm_growth} kB"
 
@@ -169,13 +177,12 @@ def test_api_stops_within_10_s_with_requests_in_flight(
             assert http.put(f"/v1/orgs/{org_id}", json={}).status_code == 200
             assert http.put(f"/v1/orgs/{org_id}/projects/{project_id}", json={}).status_code == 200
         push = _in_flight_push(process, project_id)
-        # A second request in flight: a body that never ends.
-        slow = threading.Thread(
-            target=stream_request,
-            args=(process.port, "PUT", f"/v1/orgs/{org_id}", AUTH, 10 * 1024, b"{"),
-            daemon=True,
+        # A second request in flight: a chunked body that has begun and never ends.
+        slow = socket.create_connection(("127.0.0.1", process.port), timeout=30)
+        slow.sendall(
+            f"PUT /v1/orgs/{org_id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_TOKEN}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n".encode()
         )
-        slow.start()
         push.join(timeout=3)  # gives the push time to be in flight; it does not end by itself
         assert push.is_alive()
         process.proc.send_signal(stop_signal)
@@ -183,6 +190,8 @@ def test_api_stops_within_10_s_with_requests_in_flight(
             code = process.proc.wait(timeout=STOP_SECONDS)
         except subprocess.TimeoutExpired:
             pytest.fail(f"billing api still running {STOP_SECONDS} s after {stop_signal.name}")
+        finally:
+            slow.close()
     assert code == 0
 
 
