@@ -83,6 +83,9 @@ def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH, empty: Any = None
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "body is not valid JSON") from None
+    except ValueError:
+        # An integer literal of more than 4,300 digits (Python's conversion limit): no column takes it.
+        raise ApiError(400, "body holds a number too large to be read") from None
     except RecursionError:
         # The C parser gives up on very deep nesting before our own check can run.
         raise ApiError(400, f"body nests JSON deeper than {max_depth} levels") from None

@@ -273,6 +273,29 @@ async def test_deeply_nested_json_is_400(
     )
 
 
+@pytest.mark.parametrize("path", ["/v1/plans/free", "/v1/metrics", "/v1/orgs/{org}"])
+async def test_a_number_of_thousands_of_digits_is_400(
+    settings: Settings, pool: AsyncConnectionPool, client: Client, path: str
+) -> None:
+    huge = "9" * 5000
+    body = {
+        "/v1/plans/free": '{"limits": {"task.created": %s}}',
+        "/v1/metrics": '{"metrics": [{"increment": %s}]}',
+        "/v1/orgs/{org}": '{"name": %s}',
+    }[path] % huge
+    before = await _plan_limits(pool)
+    async with api_client(settings, pool, client) as http_client:
+        method = "POST" if path == "/v1/metrics" else "PUT"
+        response = await http_client.request(
+            method, path.format(org=uuid.uuid4()), content=body.encode(), headers=AUTH
+        )
+    assert (response.status_code, response.json()) == (
+        400,
+        {"code": 400, "error": "bad_request", "msg": "body holds a number too large to be read"},
+    )
+    assert await _plan_limits(pool) == before
+
+
 async def test_deeply_nested_signed_webhook_is_400(webhook_http: httpx.AsyncClient) -> None:
     body = b'{"id": "evt_deep", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     response = await webhook_http.post(
