@@ -20,10 +20,14 @@ MAX_ID_LENGTH = 255
 
 
 def refuse_control_characters(value: str) -> str:
-    """``value`` unless it holds a control character (NUL, newline, DEL, ...): those are refused."""
+    """``value`` unless it holds a control character (NUL, newline, DEL, ...) or a lone surrogate
+    (JSON's ``"\\ud800"``, which no UTF-8 column can store): those are refused."""
     for char in value:
-        if ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0:
-            raise ValueError(f"must not contain control characters (found U+{ord(char):04X})")
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code < 0xA0:
+            raise ValueError(f"must not contain control characters (found U+{code:04X})")
+        if 0xD800 <= code <= 0xDFFF:
+            raise ValueError(f"must be valid Unicode (found a lone surrogate U+{code:04X})")
     return value
 
 

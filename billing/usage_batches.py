@@ -42,7 +42,8 @@ class ParsedBatch:
 def batch_id_of(metrics: list[Any]) -> str:
     """SHA-256 of the rows in canonical JSON: the same rows pushed twice are the same batch."""
     canonical = json.dumps(metrics, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    # surrogatepass: a lone surrogate ("\\ud800" in the JSON) must hash, not fail; its row is rejected.
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _timestamp(value: object) -> datetime | None:

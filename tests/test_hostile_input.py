@@ -214,6 +214,11 @@ async def test_plan_limits_take_json_integers_in_the_bigint_range_only(
             "stripe_customer_id: String should have at most 255 characters",
         ),
         (
+            "/v1/orgs/{org}",
+            {"name": "Acme \ud800"},
+            "name: Input should be a valid string, unable to parse raw data as a unicode string",
+        ),
+        (
             "/v1/orgs/{org}/projects/{project}",
             {"name": "web\x00"},
             "name: must not contain control characters (found U+0000)",
@@ -238,7 +243,10 @@ async def test_text_fields_are_bounded_and_refuse_control_characters(
     names_before = await fetch_value(pool, "SELECT name FROM organizations WHERE id = %s", [org.id])
     async with api_client(settings, pool, client) as http_client:
         response = await http_client.put(
-            path.format(org=org.id, project=uuid.uuid4()), json=body, headers=AUTH
+            # ASCII JSON: a lone surrogate travels as the escape "\ud800", the way a client sends it.
+            path.format(org=org.id, project=uuid.uuid4()),
+            content=json.dumps(body),
+            headers=AUTH,
         )
     assert (response.status_code, response.json()) == (
         400,
@@ -315,9 +323,10 @@ async def test_push_rows_with_control_characters_or_huge_tags_are_rejected_entri
         {**good, "tag": "task.created\x00"},
         {**good, "tag": "t" * (20 * 1024 * 1024)},
         {**good, "project_id": "p" * 1_000_000},
+        {**good, "tag": "task.\udc00created"},
         good,
     ]
-    response = await http.post("/v1/metrics", json={"metrics": rows})
+    response = await http.post("/v1/metrics", content=json.dumps({"metrics": rows}))
     assert response.status_code == 200, response.text[:500]
     # The 20 MB tag is not echoed back: the whole answer stays small.
     assert len(response.content) < 2000
@@ -326,6 +335,10 @@ async def test_push_rows_with_control_characters_or_huge_tags_are_rejected_entri
         {"index": 0, "reason": "tag must not contain control characters (found U+0000): 'task.created\\x00'"},
         {"index": 1, "reason": "tag is longer than 200 characters: '" + "t" * 76 + "..."},
         {"index": 2, "reason": "project_id is not a UUID: '" + "p" * 76 + "..."},
+        {
+            "index": 3,
+            "reason": "tag must be valid Unicode (found a lone surrogate U+DC00): 'task.\\udc00created'",
+        },
     ]
     # Only the good row is staged and applied.
     batch_rows = await fetch_value(

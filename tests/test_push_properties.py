@@ -5,6 +5,7 @@ rejected row changes nothing."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -101,7 +102,9 @@ GARBAGE_VALUES = st.one_of(
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
 BAD_TAGS = st.one_of(
-    st.sampled_from(["", "tasks.made", "task.created\x00", "task.\x1bcreated", "t" * 201, "storage"]),
+    st.sampled_from(
+        ["", "tasks.made", "task.created\x00", "task.\x1bcreated", "t" * 201, "storage", "task.\ud800created"]
+    ),
     GARBAGE_VALUES.filter(lambda value: not isinstance(value, str)),
 )
 
@@ -212,7 +215,8 @@ def test_any_push_is_refused_or_applied_and_rejected_rows_change_nothing(world: 
             return
         checkpoints = world.checkpoints()
         rows, must_apply, must_reject = data.draw(push_rows(world, checkpoints, world.pushes))
-        response = world.http.post("/v1/metrics", json={"metrics": rows})
+        # ASCII JSON, so a lone surrogate travels as its escape, as a real client would send it.
+        response = world.http.post("/v1/metrics", content=json.dumps({"metrics": rows}))
         assert response.status_code == 200, response.text
         rejected = {entry["index"] for entry in response.json()["rejected"]}
         assert must_reject <= rejected
