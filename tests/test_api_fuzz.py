@@ -17,6 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -35,9 +36,10 @@ from tests.conftest import API_TOKEN
 from tests.process_support import Process, billing_process, process_env
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
-# Per operation; ten operations, so a few hundred requests in all.
-MAX_EXAMPLES = 40
+# Per operation and mode (valid and invalid input); nine operations, so several hundred requests.
+MAX_EXAMPLES = 30
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+NEGATIVE_CHECKS = [not_a_server_error, content_type_conformance, response_schema_conformance]
 
 # What the run's accepted requests could legitimately store, filled as answers come back.
 ACCEPTED_ROWS: set[tuple[str, str]] = set()
@@ -125,21 +127,33 @@ def test_every_operation_answers_within_its_schema(fuzz_api: Process) -> None:
         f"{op.method.upper()} {op.path}" for op in OPERATIONS if op.path != "/openapi.json"
     }
     for operation in operations:
+        _fuzz(operation, GenerationMode.POSITIVE)
+        # An operation without parameters or body (GET /healthz) has no invalid input to generate.
+        inputs = operation.path_parameters, operation.query, operation.headers, operation.body
+        if any(len(group) for group in inputs):
+            _fuzz(operation, GenerationMode.NEGATIVE)
 
-        @given(case=operation.as_strategy())
-        @settings(
-            max_examples=MAX_EXAMPLES,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
-        def call(case: Any) -> None:
-            response = case.call(headers=AUTH, timeout=120)
-            case.validate_response(response, checks=CHECKS)
-            _remember_accepted(case, response)
-            CALLS.append(response.status_code)
 
-        call()
+def _fuzz(operation: Any, mode: GenerationMode) -> None:
+    """Send ``MAX_EXAMPLES`` cases of one operation. Negative cases (input that breaks the schema)
+    must still never be a 5xx; their status may be one the document does not list (a 404 for a
+    path no route matches, say), so status conformance is checked for positive cases only."""
+    checks = CHECKS if mode is GenerationMode.POSITIVE else NEGATIVE_CHECKS
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def call(case: Any) -> None:
+        response = case.call(headers=AUTH, timeout=120)
+        case.validate_response(response, checks=checks)
+        _remember_accepted(case, response)
+        CALLS.append(response.status_code)
+
+    call()
 
 
 def test_no_stored_number_came_from_rejected_input(fuzz_database: str, fuzz_api: Process) -> None:
