@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
@@ -92,7 +93,11 @@ async def _add_event(pool: AsyncConnectionPool, status: str, days_old: int) -> s
 
 
 async def _count(pool: AsyncConnectionPool, table: str) -> object:
-    return await fetch_value(pool, f"SELECT count(*) FROM {table}")
+    async with pool.connection() as conn:
+        statement = sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(table))
+        row = await (await conn.execute(statement)).fetchone()
+    assert row is not None
+    return row["n"]
 
 
 async def test_purge_deletes_only_what_is_past_the_retention_in_chunks(stack: Stack) -> None:
