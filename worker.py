@@ -17,6 +17,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.payments import PaymentActivities
 from activities.resets import ResetActivities
+from activities.retention import RetentionActivities
 from activities.stripe_reports import StripeReportActivities
 from activities.usage import UsageActivities
 from billing.config import Settings
@@ -24,6 +25,7 @@ from billing.stripe_client import make_stripe_client
 from workflows.monthly_close import MonthlyCloseWorkflow
 from workflows.monthly_reset import MonthlyResetWorkflow
 from workflows.org_billing import OrgBillingWorkflow
+from workflows.retention import RetentionWorkflow
 from workflows.stripe_report import StorageOverageWorkflow, StripeReportWorkflow
 from workflows.usage_sync import PullUsageSyncWorkflow, UsageSyncWorkflow
 
@@ -35,6 +37,7 @@ WORKFLOWS: Sequence[type] = (
     OrgBillingWorkflow,
     StripeReportWorkflow,
     StorageOverageWorkflow,
+    RetentionWorkflow,
 )
 
 
@@ -64,6 +67,7 @@ def activities(
         reports.queue_storage_overage,
         reports.start_pending_stripe_reports,
         reports.start_stripe_reports,
+        RetentionActivities(settings, pool).purge_expired,
     ]
 
 

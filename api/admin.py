@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,33 +12,56 @@ from starlette.responses import JSONResponse
 from api.auth import require_bearer
 from api.errors import ApiError
 from api.validation import json_body, path_uuid
+from billing.models import MAX_BIGINT, MAX_ID_LENGTH, Name, Tag
 from billing.months import current_month, parse_month
 from billing.sql import query
 from billing.status import add_temporal_view, load_org_status
 
 PlanName = Literal["free", "pro", "team"]
+# A JSON integer only (no booleans, strings or floats) within bigint; a negative one is refused below
+# with its own message.
+Limit = Annotated[int, Field(strict=True, ge=-MAX_BIGINT - 1, le=MAX_BIGINT)]
 
 
 class OrgBody(BaseModel):
     """``PUT /v1/orgs/{org_id}``: every field optional; a new org's plan defaults to free."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, max_length=200)
+    name: Name | None = None
     plan: PlanName | None = None
-    stripe_customer_id: str | None = Field(default=None, pattern=r"^cus_[A-Za-z0-9]+$")
+    stripe_customer_id: str | None = Field(
+        default=None, pattern=r"^cus_[A-Za-z0-9]+$", max_length=MAX_ID_LENGTH, strict=True
+    )
 
 
 class ProjectBody(BaseModel):
     """``PUT /v1/orgs/{org_id}/projects/{project_id}``."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, max_length=200)
+    name: Name | None = None
 
 
 class PlanBody(BaseModel):
     """``PUT /v1/plans/{plan}``: included quantity per meter tag."""
 
     model_config = ConfigDict(extra="forbid")
+    # JSON integers only, at most 2^63-1 (the bigint column; negatives refused in put_plan); at most
+    # one entry per meter and then some.
+    limits: dict[Tag, Limit] = Field(max_length=64)
+
+
+class ProjectAnswer(BaseModel):
+    """``PUT /v1/orgs/{org_id}/projects/{project_id}``: the attachment as stored."""
+
+    org_id: str
+    project_id: str
+    name: str | None
+
+
+class PlanAnswer(BaseModel):
+    """``PUT /v1/plans/{plan}``: the limits just set."""
+
+    plan: PlanName
     limits: dict[str, int]
 
 
@@ -81,7 +104,7 @@ async def put_project(request: Request) -> JSONResponse:
         raise ApiError(
             404, f"organization {org_id} does not exist; create it with PUT /v1/orgs/{org_id}"
         ) from None
-    return JSONResponse(row)
+    return JSONResponse(ProjectAnswer.model_validate(row).model_dump(mode="json"))
 
 
 async def put_plan(request: Request) -> JSONResponse:
@@ -108,7 +131,7 @@ async def put_plan(request: Request) -> JSONResponse:
         assert row is not None
         if row["org_ids"]:
             await _recompute_flags(conn, row["org_ids"])
-    return JSONResponse({"plan": plan, "limits": body.limits})
+    return JSONResponse(PlanAnswer(plan=plan, limits=body.limits).model_dump(mode="json"))
 
 
 async def get_plan(request: Request) -> JSONResponse:

@@ -5,13 +5,21 @@ from __future__ import annotations
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 from temporalio.client import Client
 
 from api import admin, health, usage, webhooks
 from api.errors import EXCEPTION_HANDLERS
+from api.schemas import openapi_document
 from api.telemetry import TelemetryMiddleware
 from billing.config import Settings
+
+
+async def openapi_json(_: Request) -> JSONResponse:
+    """The OpenAPI 3.1 document of this API (see api/schemas.py)."""
+    return JSONResponse(openapi_document())
 
 
 def create_app(settings: Settings, pool: AsyncConnectionPool, client: Client) -> Starlette:
@@ -19,6 +27,7 @@ def create_app(settings: Settings, pool: AsyncConnectionPool, client: Client) ->
     routes = [
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/metrics", health.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/v1/orgs/{org_id}", admin.put_org, methods=["PUT"]),
         Route("/v1/orgs/{org_id}", admin.get_org, methods=["GET"]),
         Route("/v1/orgs/{org_id}/projects/{project_id}", admin.put_project, methods=["PUT"]),

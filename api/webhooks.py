@@ -21,7 +21,6 @@ signalled again, and the workflow's reducer drops the duplicate by event id.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from starlette.responses import JSONResponse
 from temporalio.service import RPCError
 
 from api.errors import ApiError
+from api.validation import parse_json, read_body
+from billing.clock import utcnow
 from billing.ids import org_billing_id
 from billing.org_billing import signal_org_billing
 from billing.sql import query
@@ -45,7 +46,12 @@ from billing.telemetry import WEBHOOK_EVENTS
 log = logging.getLogger(__name__)
 
 SIGNATURE_TOLERANCE_SECONDS = 300
-MAX_BODY_BYTES = 1_000_000
+# Stripe's events are small (lists inside them are truncated to a page of 10 items, and the largest
+# real ones, invoices with many lines and metadata, stay well under 100 KB); 1 MiB bounds what an
+# unauthenticated sender can make the server buffer.
+MAX_BODY_BYTES = 1024 * 1024
+# A real header is a timestamp and one or two v1 signatures (about 150 bytes).
+MAX_SIGNATURE_HEADER = 4096
 SIGNAL_TIMEOUT = timedelta(seconds=10)
 # Stripe's own call, made only when neither metadata nor the customer names the org.
 STRIPE_LOOKUP_TIMEOUT = 10.0
@@ -70,27 +76,29 @@ async def _receive(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     if settings.stripe_webhook_secret is None:
         raise ApiError(503, "STRIPE_WEBHOOK_SECRET is not set: webhooks are not accepted until it is")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"body over {MAX_BODY_BYTES:,} bytes")
+    # The signature header is checked before a byte of the body is read: an unsigned request costs
+    # nothing, whatever it sends.
     header = request.headers.get("stripe-signature")
     if not header:
         raise ApiError(400, "missing Stripe-Signature header")
+    if len(header) > MAX_SIGNATURE_HEADER:
+        raise ApiError(400, "Stripe-Signature header too long")
+    body = await read_body(request, MAX_BODY_BYTES)
     try:
         stripe.WebhookSignature.verify_header(
             body.decode("utf-8"),
             header,
             settings.stripe_webhook_secret.get_secret_value(),
-            tolerance=SIGNATURE_TOLERANCE_SECONDS,
+            # The age is checked below, both ways, against billing.clock (stripe-python reads
+            # time.time() and only refuses old timestamps).
+            tolerance=None,
         )
     except UnicodeDecodeError:
         raise ApiError(400, "body is not UTF-8") from None
     except stripe.SignatureVerificationError as exc:
         raise ApiError(400, f"bad Stripe-Signature: {exc.user_message or exc}") from None
-    try:
-        payload = json.loads(body)
-    except json.JSONDecodeError:
-        raise ApiError(400, "body is not valid JSON") from None
+    _check_timestamp(header)
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         raise ApiError(400, "body is not a Stripe event object")
     try:
@@ -170,6 +178,29 @@ async def _deliver(request: Request, event: BillingEvent) -> JSONResponse:
         # The signal is durable: the workflow marks the event applied; only this bookkeeping is lost.
         log.warning("Stripe event %s signalled but not marked so: %s", event.id, exc)
     return JSONResponse({"ok": True, "workflow_id": org_billing_id(org_id)})
+
+
+def _check_timestamp(header: str) -> None:
+    """400 when the signed timestamp lies more than the tolerance in the past or in the future.
+
+    stripe-python refuses old timestamps only; a future one would let a captured request (or one
+    signed with a skewed clock) be replayed for as long as it is ahead.
+    """
+    stamps = [item.split("=", 1)[1] for item in header.split(",") if item.strip().startswith("t=")]
+    try:
+        signed_at = int(stamps[0])
+    except (IndexError, ValueError):
+        raise ApiError(400, "bad Stripe-Signature: no timestamp") from None
+    ahead = signed_at - utcnow().timestamp()
+    if ahead < -SIGNATURE_TOLERANCE_SECONDS:
+        # stripe-python's own words for it.
+        raise ApiError(400, f"bad Stripe-Signature: Timestamp outside the tolerance zone ({signed_at})")
+    if ahead > SIGNATURE_TOLERANCE_SECONDS:
+        raise ApiError(
+            400,
+            f"bad Stripe-Signature: Timestamp outside the tolerance zone ({signed_at}): "
+            f"{int(ahead)} s in the future",
+        )
 
 
 def _unmatched_detail(event: BillingEvent) -> str:

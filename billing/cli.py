@@ -501,6 +501,48 @@ async def _refuse_if_workers_have_no_key(client: Any, workflow_id: str) -> None:
         )
 
 
+async def cmd_system(args: argparse.Namespace, settings: Settings) -> int:
+    """Sizes of what retention keeps: staged batches and their rows, recorded webhook events."""
+    from datetime import UTC
+
+    from billing.db import open_pool
+    from billing.sql import query
+
+    retention = settings.retention
+    pool = await open_pool(settings.require_database_url(), max_size=1)
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(
+                query("retention_sizes"), {"retention_seconds": retention.total_seconds()}
+            )
+            sizes = await cursor.fetchone()
+    finally:
+        await pool.close()
+    assert sizes is not None
+    days = retention.total_seconds() / 86400
+    data = {"retention_days": days, **sizes}
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    print(f"retention: {days:g} days (BILLING_RETENTION), purged daily by the retention-daily schedule")
+    oldest = sizes["oldest_batch"]
+    print(
+        f"  staged batches: {sizes['batches']:,} ({sizes['batch_rows']:,} rows, "
+        f"{sizes['batch_rejections']:,} rejections, {sizes['batch_bytes'] / 1048576:,.1f} MiB), "
+        f"oldest {oldest.astimezone(UTC):%Y-%m-%d %H:%M} UTC, {sizes['batches_expired']:,} past the retention"
+        if oldest
+        else "  staged batches: none"
+    )
+    oldest = sizes["oldest_webhook_event"]
+    print(
+        f"  webhook events: {sizes['webhook_events']:,} ({sizes['webhook_event_bytes'] / 1048576:,.1f} MiB), "
+        f"oldest {oldest.astimezone(UTC):%Y-%m-%d %H:%M} UTC, {sizes['webhook_events_expired']:,} processed and past the retention"
+        if oldest
+        else "  webhook events: none"
+    )
+    return 0
+
+
 def _number(value: str) -> int | float:
     """A decimal from JSON as a plain number (an int when integral)."""
     return int(value) if float(value).is_integer() else float(value)
@@ -574,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("org_id", type=_org_id, metavar="ORG_ID")
     reconcile.add_argument("--month", type=_month, required=True, help="the month to compare, YYYY-MM")
     reconcile.add_argument("--json", action="store_true", help="print JSON")
+
+    system = add("system", cmd_system, "show what retention keeps: staged batches, webhook events, sizes")
+    system.add_argument("--json", action="store_true", help="print JSON")
 
     pending = add(
         "report-pending", cmd_report_pending, "start Stripe reports now for orgs with pending reports"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import cached_property
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -21,7 +22,22 @@ _ENV_NAMES = {
     "stripe_webhook_secret": "STRIPE_WEBHOOK_SECRET",
     "metrics_source_url": "BILLING_METRICS_SOURCE_URL",
     "push_answer_seconds": "BILLING_PUSH_ANSWER_SECONDS",
+    "retention": "BILLING_RETENTION",
 }
+
+# BILLING_RETENTION may not go below a week: Stripe redelivers an event for up to 3 days, and a
+# client re-pushes a batch within minutes; a shorter retention would purge what still deduplicates.
+MIN_RETENTION = timedelta(days=7)
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str) -> timedelta:
+    """``35d``, ``12h``, ``90m`` or ``30s`` as a timedelta; ValueError otherwise."""
+    text = value.strip()
+    number, unit = text[:-1], text[-1:]
+    if unit not in _DURATION_UNITS or not number.isdigit():
+        raise ValueError(f"expected a duration such as 35d, 12h or 90m, got {value!r}")
+    return timedelta(seconds=int(number) * _DURATION_UNITS[unit])
 
 
 def _host_port(value: str) -> str:
@@ -54,6 +70,7 @@ class Settings(BaseSettings):
     metrics_source_url: str | None = Field(None, alias="BILLING_METRICS_SOURCE_URL")
     # How long POST /v1/metrics waits for its batch's workflow before answering 503 (the run goes on).
     push_answer_seconds: float = Field(60.0, alias="BILLING_PUSH_ANSWER_SECONDS", gt=0, le=3600)
+    retention: timedelta = Field(timedelta(days=35), alias="BILLING_RETENTION")
 
     _check_urls = field_validator("database_url", "metrics_source_url")(_postgres_url)
     _check_addrs = field_validator("temporal_address", "http_addr")(_host_port)
@@ -64,6 +81,14 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("expected an http:// or https:// URL")
         return value.rstrip("/") if value else value
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention(cls, value: object) -> object:
+        duration = parse_duration(value) if isinstance(value, str) else value
+        if isinstance(duration, timedelta) and duration < MIN_RETENTION:
+            raise ValueError(f"must be at least {MIN_RETENTION.days}d (Stripe redelivers for 3 days)")
+        return duration
 
     @field_validator("api_token")
     @classmethod

@@ -18,6 +18,9 @@ from billing.db import open_pool
 from billing.errors import ConfigError
 from billing.temporal import connect, ensure_schedules
 
+# How long in-flight HTTP requests get to finish on shutdown before they are cancelled.
+GRACEFUL_SHUTDOWN_SECONDS = 3
+
 
 @dataclass
 class Services:
@@ -88,7 +91,16 @@ async def serve_until_stopped(
         host, port = services.settings.http_host_port
         app = create_app(services.settings, services.pool, services.client)
         server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                lifespan="off",
+                # Requests still running this long after Ctrl-C/SIGTERM are cancelled (a push waiting
+                # on its workflow would otherwise hold the process): the whole stop stays under 10 s.
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            )
         )
         # uvicorn installs its own signal handlers; ours decide when to stop.
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -32,7 +32,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from billing.config import Settings
 from billing.errors import ConfigError
 from billing.ids import monthly_reset_id
-from billing.models import MonthlyCloseInput, MonthlyResetInput
+from billing.models import MonthlyCloseInput, MonthlyResetInput, RetentionInput
 from billing.months import current_month, parse_month
 
 ORG_ID = SearchAttributeKey.for_keyword("BillingOrgId")
@@ -83,7 +83,7 @@ async def register_search_attributes(client: Client, namespace: str) -> list[str
 
 @dataclass(frozen=True)
 class ScheduledJob:
-    """One of the three schedules of the contract."""
+    """One of the schedules of the contract."""
 
     schedule_id: str
     workflow: str
@@ -122,6 +122,14 @@ def scheduled_jobs() -> list[ScheduledJob]:
             "10 0 1 * *",
             MonthlyCloseInput(),
             "Start monthly-reset/{org}/{month} for every org with usage last month",
+        ),
+        ScheduledJob(
+            "retention-daily",
+            "RetentionWorkflow",
+            "retention",
+            "40 3 * * *",
+            RetentionInput(),
+            "Purge staged batches and processed webhook events older than BILLING_RETENTION",
         ),
     ]
 
