@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -16,11 +17,21 @@ from tests.api_client import AUTH, api_client
 from tests.factories import fetch_value
 
 
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Spans finished during the test; the exporter is taken off the global provider afterwards."""
     exporter = InMemorySpanExporter()
-    tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+    processor = SimpleSpanProcessor(exporter)
+    provider = tracer_provider()
+    provider.add_span_processor(processor)
+    try:
+        yield exporter
+    finally:
+        # The SDK has no public way to remove a processor; its multi-processor keeps them in a tuple.
+        active = provider._active_span_processor
+        with active._lock:
+            active._span_processors = tuple(p for p in active._span_processors if p is not processor)
+        processor.shutdown()
 
 
 async def test_org_project_and_plan_lifecycle(
@@ -82,7 +93,7 @@ async def test_lowering_a_free_limit_flags_projects_at_once(
         await http.put(f"/v1/orgs/{org_id}/projects/{project_id}", json={}, headers=AUTH)
         async with pool.connection() as conn:
             await conn.execute(
-                "SELECT increment_project_usage(%s, 'search.experience.agentic', date_trunc('month', now())::date, 60)",
+                "SELECT increment_project_usage(%s, 'search.experience.agentic', date_trunc('month', billing_now() AT TIME ZONE 'UTC')::date, 60)",
                 [project_id],
             )
         flagged_before = await fetch_value(
@@ -156,7 +167,6 @@ async def test_bad_admin_requests_get_a_clear_error_and_change_nothing(
 async def test_a_wrong_token_is_401_and_marked_unauthenticated_on_the_span(
     settings: Settings, pool: AsyncConnectionPool, client: Client, spans: InMemorySpanExporter
 ) -> None:
-    spans.clear()
     async with api_client(settings, pool, client) as http:
         missing = await http.get(f"/v1/orgs/{uuid.uuid4()}")
         wrong = await http.get(f"/v1/orgs/{uuid.uuid4()}", headers={"Authorization": "Bearer nope"})

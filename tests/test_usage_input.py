@@ -102,15 +102,21 @@ async def test_over_100000_rows_or_a_huge_body_is_413(
     assert too_many.status_code == 413
     assert too_many.json()["msg"] == "100,001 rows exceed the limit of 100,000 rows per push"
 
+    pulled = 0
+
     async def endless() -> AsyncIterator[bytes]:
         # Streamed without a Content-Length: refused once 64 MiB have arrived, not after the lot.
+        nonlocal pulled
         chunk = b" " * (1024 * 1024)
         for _ in range(200):
+            pulled += 1
             yield chunk
 
     streamed = await http.post("/v1/metrics", content=endless())
     assert streamed.status_code == 413
     assert streamed.json()["msg"] == "body exceeds 67,108,864 bytes"
+    # Reading stopped at the chunk that crossed 64 MiB: the 135 MiB after it were never pulled.
+    assert pulled == 65
     assert await usage_snapshot(pool) == before
 
 
