@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -74,16 +75,6 @@ def database_url(postgres_admin_url: str, template_database_url: str) -> Iterato
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
-    """A pool on this test's database."""
-    pool = await open_pool(database_url, max_size=20)
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
 class Clock:
     """"Now" for one test: ``billing_now()`` in SQL on the test's database and ``utcnow()`` in Python.
 
@@ -92,16 +83,18 @@ class Clock:
     in one month and hour for the whole test even when it runs across a boundary.
     """
 
-    def __init__(self, admin_url: str, database_url: str, pool: AsyncConnectionPool) -> None:
+    def __init__(self, admin_url: str, database_url: str) -> None:
         self._admin_url = admin_url
         self._dbname = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
-        self._pool = pool
         self._frozen = contextlib.ExitStack()
+        self._generation = 0  # bumped by every set; 0: never set, connections keep the real clock
+        self._seen: weakref.WeakKeyDictionary[psycopg.AsyncConnection, int] = weakref.WeakKeyDictionary()
         self.now: datetime | None = None
 
     async def set(self, moment: datetime) -> datetime:
-        """Make it ``moment`` (aware) from now on, for new connections of any process on this test's
-        database (``ALTER DATABASE … SET billing.now``), the test's pool and ``utcnow()``."""
+        """Make it ``moment`` (aware) from now on: for every new connection of any process on this test's
+        database (``ALTER DATABASE … SET billing.now``), for the test's pool (each connection is set as
+        it is handed out) and for ``utcnow()``."""
         if moment.tzinfo is None:
             raise ValueError("Clock.set needs an aware datetime")
         moment = moment.astimezone(UTC)
@@ -111,11 +104,10 @@ class Clock:
                     sql.Identifier(self._dbname), sql.Literal(moment.isoformat())
                 )
             )
-        # Sessions read database settings when they start: replace the pool's connections.
-        await self._pool.drain()
         self._frozen.close()
         self._frozen.enter_context(frozen_at(moment))
         self.now = moment
+        self._generation += 1
         return moment
 
     async def freeze(self) -> datetime:
@@ -125,19 +117,36 @@ class Clock:
     def release(self) -> None:
         """Give Python its real clock back (the test's database goes away with the test)."""
         self._frozen.close()
-        self.now = None
+
+    async def on_checkout(self, conn: psycopg.AsyncConnection) -> None:
+        """Pool ``check`` hook: a pooled session that predates the last :meth:`set` gets the clock set
+        for the session (sessions read database settings only when they start)."""
+        if self._generation == 0 or self._seen.get(conn) == self._generation:
+            return
+        assert self.now is not None
+        await conn.execute("SELECT set_config('billing.now', %s, false)", [self.now.isoformat()])
+        await conn.commit()
+        self._seen[conn] = self._generation
 
 
 @pytest.fixture
-async def clock(
-    postgres_admin_url: str, database_url: str, pool: AsyncConnectionPool
-) -> AsyncIterator[Clock]:
+def clock(postgres_admin_url: str, database_url: str) -> Iterator[Clock]:
     """A clock this test controls (see :class:`Clock`); Python's clock is given back afterwards."""
-    controlled = Clock(postgres_admin_url, database_url, pool)
+    controlled = Clock(postgres_admin_url, database_url)
     try:
         yield controlled
     finally:
         controlled.release()
+
+
+@pytest.fixture
+async def pool(database_url: str, clock: Clock) -> AsyncIterator[AsyncConnectionPool]:
+    """A pool on this test's database (following the test's clock, if the test moves it)."""
+    pool = await open_pool(database_url, max_size=20, check=clock.on_checkout)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 @pytest.fixture(scope="session")
