@@ -25,6 +25,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, Interceptor, OutboundInterceptor, StartWorkflowInput, WorkflowHandle
@@ -36,6 +38,7 @@ from billing.clock import frozen_at
 from billing.config import Settings
 from billing.db import open_pool
 from billing.scratch import VENV_BIN, fresh_database, postgres_server, temporal_dev_server, with_dbname
+from billing.telemetry import tracer_provider
 from tests.activity_delay import delay_interceptors
 from worker import build_worker
 
@@ -223,3 +226,20 @@ async def worker(settings: Settings, pool: AsyncConnectionPool, client: Client) 
     """A worker on the dev server for this test's task queue."""
     async with running_worker(settings, pool, client) as running:
         yield running
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Spans finished during the test; the exporter is taken off the global provider afterwards."""
+    exporter = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exporter)
+    provider = tracer_provider()
+    provider.add_span_processor(processor)
+    try:
+        yield exporter
+    finally:
+        # The SDK has no public way to remove a processor; its multi-processor keeps them in a tuple.
+        active = provider._active_span_processor
+        with active._lock:
+            active._span_processors = tuple(p for p in active._span_processors if p is not processor)
+        processor.shutdown()

@@ -3,35 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from billing.config import Settings
-from billing.telemetry import tracer_provider
 from tests.api_client import AUTH, api_client
 from tests.factories import fetch_value
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Spans finished during the test; the exporter is taken off the global provider afterwards."""
-    exporter = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(exporter)
-    provider = tracer_provider()
-    provider.add_span_processor(processor)
-    try:
-        yield exporter
-    finally:
-        # The SDK has no public way to remove a processor; its multi-processor keeps them in a tuple.
-        active = provider._active_span_processor
-        with active._lock:
-            active._span_processors = tuple(p for p in active._span_processors if p is not processor)
-        processor.shutdown()
 
 
 async def test_org_project_and_plan_lifecycle(

@@ -7,11 +7,9 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import httpx
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from psycopg_pool import AsyncConnectionPool
 
-from billing.telemetry import tracer_provider
 from tests.factories import make_org
 from tests.usage_support import day_start, http, push, row, usage_snapshot, utc_now
 
@@ -121,10 +119,9 @@ async def test_over_100000_rows_or_a_huge_body_is_413(
 
 
 async def test_a_wrong_token_is_401_and_marked_on_the_span(
-    http: httpx.AsyncClient, pool: AsyncConnectionPool
+    http: httpx.AsyncClient, pool: AsyncConnectionPool, spans: InMemorySpanExporter
 ) -> None:
-    exporter = InMemorySpanExporter()
-    tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
+    exporter = spans  # taken off the global tracer provider after the test (conftest)
     before = await usage_snapshot(pool)
     try:
         for headers in ({"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": ""}):
