@@ -13,7 +13,7 @@ from billing.models import MonthlyCloseInput, MonthlyCloseResult, MonthlyResetRe
 from tests.conftest import make_settings, running_worker
 from tests.factories import fetch_value, make_org
 
-MAY = date(2031, 5, 1)  # a month no other test writes, so the counts below are this test's own
+MAY = date(2031, 5, 1)  # a month well in the future; the database (and so every count) is this test's own
 
 
 async def test_monthly_close_starts_one_reset_per_org_with_usage_and_a_rerun_starts_none(
