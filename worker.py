@@ -12,7 +12,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.payments import PaymentActivities
@@ -78,9 +78,17 @@ _PASSED_THROUGH = ("pydantic", "pydantic_core", "annotated_types", "billing", "w
 
 
 def build_worker(
-    settings: Settings, pool: AsyncConnectionPool, client: Client, *, task_queue: str | None = None
+    settings: Settings,
+    pool: AsyncConnectionPool,
+    client: Client,
+    *,
+    task_queue: str | None = None,
+    interceptors: Sequence[Interceptor] = (),
 ) -> Worker:
-    """A worker for ``task_queue`` (default BILLING_TASK_QUEUE) running every workflow and activity."""
+    """A worker for ``task_queue`` (default BILLING_TASK_QUEUE) running every workflow and activity.
+
+    ``interceptors`` is a hook for tests (the suite's injected activity delay); production passes none.
+    """
     queue = task_queue or settings.task_queue
     return Worker(
         client,
@@ -88,6 +96,7 @@ def build_worker(
         workflows=list(WORKFLOWS),
         activities=activities(settings, pool, client, queue),
         max_concurrent_activities=50,
+        interceptors=list(interceptors),
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*_PASSED_THROUGH)
         ),

@@ -444,8 +444,7 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_report_pending(args: argparse.Namespace, settings: Settings) -> int:
     """Start stripe-report workflows now for orgs with pending reports (else the hourly job does)."""
-    from datetime import UTC, datetime
-
+    from billing.clock import utcnow
     from billing.reporting import start_stripe_reports
     from billing.services import open_services
     from billing.sql import query
@@ -468,7 +467,7 @@ async def cmd_report_pending(args: argparse.Namespace, settings: Settings) -> in
                 cursor = rows[-1]["org_id"]
         if args.org_id:
             org_ids = [org_id for org_id in org_ids if org_id == args.org_id]
-        starts = await start_stripe_reports(services.client, settings.task_queue, org_ids, datetime.now(UTC))
+        starts = await start_stripe_reports(services.client, settings.task_queue, org_ids, utcnow())
         if starts.workflow_ids:
             await _refuse_if_workers_have_no_key(services.client, starts.workflow_ids[0])
     result = {"orgs": len(org_ids), "started": starts.started, "already_running": starts.already_running}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -27,8 +29,17 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
     await conn.commit()
 
 
-async def open_pool(url: str, *, setting: str = "DATABASE_URL", max_size: int = 10) -> AsyncConnectionPool:
-    """Open a pool and prove the server answers; ConfigError naming ``setting`` if it does not."""
+async def open_pool(
+    url: str,
+    *,
+    setting: str = "DATABASE_URL",
+    max_size: int = 10,
+    check: Callable[[psycopg.AsyncConnection], Awaitable[None]] | None = None,
+) -> AsyncConnectionPool:
+    """Open a pool and prove the server answers; ConfigError naming ``setting`` if it does not.
+
+    ``check`` runs on every connection as it is handed out (a hook: the tests' clock uses it).
+    """
     # One plain connection first: it fails fast with the server's own message, where the pool would
     # retry in the background and log every attempt.
     try:
@@ -43,6 +54,7 @@ async def open_pool(url: str, *, setting: str = "DATABASE_URL", max_size: int = 
         open=False,
         kwargs={"row_factory": dict_row},
         configure=_configure,
+        check=check,
         timeout=10,
     )
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
@@ -30,10 +30,10 @@ from tests.report_support import (
 from tests.stripe_server import FakeStripe
 
 
-async def _assert_reconciles(pool: AsyncConnectionPool, settings, org_id: str) -> None:
+async def _assert_reconciles(pool: AsyncConnectionPool, settings, org_id: str, hour: datetime) -> None:
     stripe_client = make_stripe_client(settings)
     assert stripe_client is not None
-    result = await reconcile(pool, stripe_client, org_id, f"{this_hour():%Y-%m}")
+    result = await reconcile(pool, stripe_client, org_id, f"{hour:%Y-%m}")
     assert result.matches, result.meters
     assert all(meter.difference == 0 for meter in result.meters)
 
@@ -41,14 +41,15 @@ async def _assert_reconciles(pool: AsyncConnectionPool, settings, org_id: str) -
 async def test_each_pending_row_becomes_one_meter_event_oldest_first(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, [5, 7, 11])
-        identifiers += await queue_rows(pool, org.id, [3], tag="space.learned")
+        identifiers = await queue_rows(pool, org.id, [5, 7, 11], hour=hour)
+        identifiers += await queue_rows(pool, org.id, [3], tag="space.learned", hour=hour)
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
-            result = await report(client, settings, org.id)
+            result = await report(client, settings, org.id, hour=hour)
 
         assert (result.sent, result.deduplicated, result.failed, result.skipped, result.pending) == (
             4,
@@ -67,27 +68,28 @@ async def test_each_pending_row_becomes_one_meter_event_oldest_first(
             ("skill_blocks", 3),
         ]
         assert {e["customer"] for e in events} == {customer}
-        assert {e["timestamp"] for e in events} == {int(this_hour().timestamp())}
+        assert {e["timestamp"] for e in events} == {int(hour.timestamp())}
         keys = [r.idempotency_key for r in fake.requests if r.path == "/v1/billing/meter_events"]
         assert keys == [idempotency_key(i) for i in identifiers]
         rows = await outbox(pool, org.id)
         assert [(r["status"], r["attempts"]) for r in rows] == [("sent", 1)] * 4
         assert all(r["sent_at"] is not None for r in rows)
         assert [r["stripe_response"]["identifier"] for r in rows] == identifiers
-        await _assert_reconciles(pool, settings, org.id)
+        await _assert_reconciles(pool, settings, org.id, hour)
 
 
 async def test_counted_then_dropped_on_every_first_call_counts_each_row_once(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="team", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, [1, 2, 3, 4])
+        identifiers = await queue_rows(pool, org.id, [1, 2, 3, 4], hour=hour)
         fake.drop_after_commit_first_attempts()
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
-            result = await report(client, settings, org.id)
+            result = await report(client, settings, org.id, hour=hour)
 
         # Every row: a first call counted and then lost, and a retry with the same key replayed.
         assert meter_event_requests(fake) == [i for i in identifiers for _ in range(2)]
@@ -95,26 +97,27 @@ async def test_counted_then_dropped_on_every_first_call_counts_each_row_once(
         assert fake.total(customer, "agent_tasks") == 10
         assert result.sent == 4
         assert [(r["status"], r["attempts"]) for r in await outbox(pool, org.id)] == [("sent", 2)] * 4
-        await _assert_reconciles(pool, settings, org.id)
+        await _assert_reconciles(pool, settings, org.id, hour)
 
 
 async def test_a_429_and_5xx_storm_sends_everything_eventually_oldest_first(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, list(range(1, 9)))
+        identifiers = await queue_rows(pool, org.id, list(range(1, 9)), hour=hour)
         fake.fail_next(3, status=429)
         fake.fail_next(1, status=503)
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
-            result = await report(client, settings, org.id)
+            result = await report(client, settings, org.id, hour=hour)
             # A second storm in the middle of the backlog: progress before it is kept.
-            more = await queue_rows(pool, org.id, [100, 200, 300])
+            more = await queue_rows(pool, org.id, [100, 200, 300], hour=hour)
             fake.fail_next(1, status=500)
             fake.fail_next(1, status=429, path_prefix="/v1/billing/meter_events")
-            again = await report(client, settings, org.id, hour=this_hour() - timedelta(hours=1))
+            again = await report(client, settings, org.id, hour=hour - timedelta(hours=1))
 
         assert counted_identifiers(fake) == identifiers + more
         assert fake.total(customer, "agent_tasks") == 36 + 600
@@ -124,20 +127,20 @@ async def test_a_429_and_5xx_storm_sends_everything_eventually_oldest_first(
         assert [r["attempts"] for r in rows] == [5, 1, 1, 1, 1, 1, 1, 1, 3, 1, 1]
         assert {r["status"] for r in rows} == {"sent"}
         assert all(r["status_reason"] is None for r in rows)
-        await _assert_reconciles(pool, settings, org.id)
+        await _assert_reconciles(pool, settings, org.id, hour)
 
 
 async def test_two_overlapping_reports_of_one_org_send_each_row_once_in_order(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, [1] * 12)
+        identifiers = await queue_rows(pool, org.id, [1] * 12, hour=hour)
         fake.slow_next(4, 0.2, path_prefix="/v1/billing/meter_events")
         settings = stripe_settings(database_url, client, fake)
         small_pages = FAST.model_copy(update={"page_size": 3})
-        hour = this_hour()
         async with running_worker(settings, pool, client):
             # Two syncs of different hours, and a repeat of one, all at once.
             starts = await asyncio.gather(
@@ -147,10 +150,16 @@ async def test_two_overlapping_reports_of_one_org_send_each_row_once_in_order(
                 ),
                 start_stripe_reports(client, settings.task_queue, [org.id], hour, tuning=small_pages),
             )
-            results = [
-                await client.get_workflow_handle(wid, result_type=StripeReportResult).result()
-                for wid in {s.workflow_ids[0] for s in starts}
+            handles = [
+                client.get_workflow_handle(wid, result_type=StripeReportResult)
+                for wid in sorted({s.workflow_ids[0] for s in starts})
             ]
+            results = [await handle.result() for handle in handles]
+            runs = [await handle.describe() for handle in handles]
+
+        # They did overlap: each started before the other closed (Temporal's own timestamps).
+        assert all(run.start_time and run.close_time for run in runs)
+        assert max(run.start_time for run in runs) < min(run.close_time for run in runs)  # type: ignore[type-var]
 
         assert len(results) == 2
         assert {s.workflow_ids[0] for s in starts} == {
@@ -162,27 +171,28 @@ async def test_two_overlapping_reports_of_one_org_send_each_row_once_in_order(
         assert counted_identifiers(fake) == identifiers
         assert sum(r.sent for r in results) == 12
         assert sum(r.deduplicated for r in results) == 0
-        await _assert_reconciles(pool, settings, org.id)
+        await _assert_reconciles(pool, settings, org.id, hour)
 
 
 async def test_a_refused_row_fails_with_stripes_message_and_the_others_are_sent(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     # Stripe has no meter for skill_blocks (space.learned): that row is refused with a 400.
     with FakeStripe(meters=["agent_tasks", "storage_gb_hour"]) as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        first = await queue_rows(pool, org.id, [4])
-        refused = await queue_rows(pool, org.id, [9], tag="space.learned")
-        last = await queue_rows(pool, org.id, [6])
+        first = await queue_rows(pool, org.id, [4], hour=hour)
+        refused = await queue_rows(pool, org.id, [9], tag="space.learned", hour=hour)
+        last = await queue_rows(pool, org.id, [6], hour=hour)
         gone = fake.add_customer()
         deleted = await make_org(pool, plan="pro", stripe_customer_id=gone)
-        await queue_rows(pool, deleted.id, [2, 3])
+        await queue_rows(pool, deleted.id, [2, 3], hour=hour)
         fake.delete_customer(gone)
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
-            result = await report(client, settings, org.id)
-            deleted_result = await report(client, settings, deleted.id)
+            result = await report(client, settings, org.id, hour=hour)
+            deleted_result = await report(client, settings, deleted.id, hour=hour)
 
         assert counted_identifiers(fake) == first + last
         message = "No active meter was found for event_name 'skill_blocks'."
@@ -196,7 +206,7 @@ async def test_a_refused_row_fails_with_stripes_message_and_the_others_are_sent(
         assert rows[1]["stripe_response"]["error"]["message"] == message
         assert (deleted_result.sent, deleted_result.failed) == (0, 2)
         assert {r["status_reason"] for r in await outbox(pool, deleted.id)} == {f"No such customer: '{gone}'"}
-        status = await load_org_status(pool, org.id, f"{this_hour():%Y-%m}", stripe_configured=True)
+        status = await load_org_status(pool, org.id, f"{hour:%Y-%m}", stripe_configured=True)
         assert status is not None
         assert [(r.status, r.reports, r.quantity, r.last_reason) for r in status.stripe_reports] == [
             ("failed", 1, 9, message)
@@ -206,15 +216,16 @@ async def test_a_refused_row_fails_with_stripes_message_and_the_others_are_sent(
 async def test_a_free_org_and_an_org_without_customer_are_never_sent_anything(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     with FakeStripe() as fake:
         free = await make_org(pool, plan="free", stripe_customer_id=fake.add_customer())
         nameless = await make_org(pool, plan="team")
-        await queue_rows(pool, free.id, [10, 20])
-        await queue_rows(pool, nameless.id, [30])
+        await queue_rows(pool, free.id, [10, 20], hour=hour)
+        await queue_rows(pool, nameless.id, [30], hour=hour)
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
-            free_result = await report(client, settings, free.id)
-            nameless_result = await report(client, settings, nameless.id)
+            free_result = await report(client, settings, free.id, hour=hour)
+            nameless_result = await report(client, settings, nameless.id, hour=hour)
 
         assert fake.request_counts["/v1/billing/meter_events"] == 0
         assert fake.meter_events == []
@@ -232,18 +243,19 @@ async def test_a_free_org_and_an_org_without_customer_are_never_sent_anything(
 async def test_without_a_key_rows_stay_pending_then_the_hourly_job_sends_them_once_a_key_is_set(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     from billing.models_stripe import StorageOverageInput, StorageOverageResult
 
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, [3, 1, 2])
+        identifiers = await queue_rows(pool, org.id, [3, 1, 2], hour=hour)
         keyless = make_settings(database_url, client)
         async with running_worker(keyless, pool, client):
-            result = await report(client, keyless, org.id)
+            result = await report(client, keyless, org.id, hour=hour)
             sweep = await client.execute_workflow(
                 "StorageOverageWorkflow",
-                StorageOverageInput(hour=f"{this_hour():%Y-%m-%dT%H}", tuning=FAST),
+                StorageOverageInput(hour=f"{hour:%Y-%m-%dT%H}", tuning=FAST),
                 id=f"storage-overage-test-{org.id}-keyless",
                 task_queue=keyless.task_queue,
                 result_type=StorageOverageResult,
@@ -256,7 +268,7 @@ async def test_without_a_key_rows_stay_pending_then_the_hourly_job_sends_them_on
         )
         assert (sweep.stripe_configured, sweep.reports_started) == (False, 0)
         assert [r["status"] for r in await outbox(pool, org.id)] == ["pending"] * 3
-        status = await load_org_status(pool, org.id, f"{this_hour():%Y-%m}", stripe_configured=False)
+        status = await load_org_status(pool, org.id, f"{hour:%Y-%m}", stripe_configured=False)
         assert status is not None
         assert status.stripe_reporting == (
             "STRIPE_API_KEY is not set: 3 reports wait in the outbox as pending, none lost"
@@ -267,26 +279,27 @@ async def test_without_a_key_rows_stay_pending_then_the_hourly_job_sends_them_on
         async with running_worker(keyed, pool, client):
             sweep = await client.execute_workflow(
                 "StorageOverageWorkflow",
-                StorageOverageInput(hour=f"{this_hour():%Y-%m-%dT%H}", tuning=FAST),
+                StorageOverageInput(hour=f"{hour:%Y-%m-%dT%H}", tuning=FAST),
                 id=f"storage-overage-test-{org.id}-keyed",
                 task_queue=keyed.task_queue,
                 result_type=StorageOverageResult,
             )
             handle = client.get_workflow_handle(
-                stripe_report_id(org.id, this_hour()), result_type=StripeReportResult
+                stripe_report_id(org.id, hour), result_type=StripeReportResult
             )
             sent = await handle.result()
         assert sweep.stripe_configured is True
-        assert sweep.reports_started >= 1
+        assert sweep.reports_started == 1
         assert sent.sent == 3
         assert counted_identifiers(fake) == identifiers
         assert [r["status"] for r in await outbox(pool, org.id)] == ["sent"] * 3
-        await _assert_reconciles(pool, keyed, org.id)
+        await _assert_reconciles(pool, keyed, org.id, hour)
 
 
 async def test_the_start_activity_the_sync_calls_starts_or_signals_one_report_per_org(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     import pytest
     from temporalio.exceptions import ApplicationError
     from temporalio.testing import ActivityEnvironment
@@ -297,22 +310,22 @@ async def test_the_start_activity_the_sync_calls_starts_or_signals_one_report_pe
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, [2, 4])
+        identifiers = await queue_rows(pool, org.id, [2, 4], hour=hour)
         settings = stripe_settings(database_url, client, fake)
         activities = StripeReportActivities(pool, client, settings.task_queue, make_stripe_client(settings))
         request = StartStripeReportsInput(
-            org_ids=[org.id, org.id], hour=f"{this_hour():%Y-%m-%dT%H}", tuning=FAST
+            org_ids=[org.id, org.id], hour=f"{hour:%Y-%m-%dT%H}", tuning=FAST
         )
         async with running_worker(settings, pool, client):
             started = await ActivityEnvironment().run(activities.start_stripe_reports, request)
             handle = client.get_workflow_handle(
-                stripe_report_id(org.id, this_hour()), result_type=StripeReportResult
+                stripe_report_id(org.id, hour), result_type=StripeReportResult
             )
             result = await handle.result()
         assert (started.started, started.already_running, started.stripe_configured) == (1, 0, True)
         assert result.sent == 2
         assert counted_identifiers(fake) == identifiers
 
-        bad = StartStripeReportsInput(org_ids=["not-a-uuid"], hour=f"{this_hour():%Y-%m-%dT%H}")
+        bad = StartStripeReportsInput(org_ids=["not-a-uuid"], hour=f"{hour:%Y-%m-%dT%H}")
         with pytest.raises(ApplicationError, match="org id must be a UUID, got 'not-a-uuid'"):
             await ActivityEnvironment().run(activities.start_stripe_reports, bad)

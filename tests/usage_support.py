@@ -13,8 +13,9 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from api.app import create_app
+from billing.clock import utcnow
 from billing.config import Settings
-from tests.conftest import API_TOKEN
+from tests.conftest import API_TOKEN, Clock
 
 COUNTERS = ("search.experience.agentic", "search.experience.embedding", "space.learned", "task.created")
 ALL_TAGS = (
@@ -27,7 +28,8 @@ ALL_TAGS = (
 
 
 def utc_now() -> datetime:
-    return datetime.now(UTC)
+    """Now by ``billing.clock`` (pinned for the test by the ``http`` fixture's clock)."""
+    return utcnow()
 
 
 def day_start(moment: datetime) -> datetime:
@@ -59,9 +61,14 @@ def row(
 
 @pytest.fixture
 async def http(
-    settings: Settings, pool: AsyncConnectionPool, client: Client, worker: Worker
+    settings: Settings, pool: AsyncConnectionPool, client: Client, worker: Worker, clock: Clock
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The real API app on the test's task queue, a worker running, authenticated by default."""
+    """The real API app on the test's task queue, a worker running, authenticated by default.
+
+    The test's clock is pinned at the present (SQL and Python), so rows dated "today" and the month
+    the product sees stay one month even when the test runs across midnight at a month's end.
+    """
+    await clock.freeze()
     app = create_app(settings, pool, client)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),
