@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import cached_property
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -20,7 +21,22 @@ _ENV_NAMES = {
     "stripe_api_base": "STRIPE_API_BASE",
     "stripe_webhook_secret": "STRIPE_WEBHOOK_SECRET",
     "metrics_source_url": "BILLING_METRICS_SOURCE_URL",
+    "report_horizon": "BILLING_REPORT_HORIZON",
+    "finalization_grace": "BILLING_STRIPE_FINALIZATION_GRACE",
 }
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> timedelta:
+    """``30s``, ``90m``, ``20h``, ``35d`` (or a timedelta) as a timedelta; anything else is a ValueError."""
+    if isinstance(value, timedelta):
+        return value
+    text = str(value).strip()
+    unit = _DURATION_UNITS.get(text[-1:])
+    if unit is None or not text[:-1].isdigit():
+        raise ValueError(f"expected a duration such as 30s, 90m, 20h or 35d, got {text!r}")
+    return timedelta(seconds=int(text[:-1]) * unit)
 
 
 def _host_port(value: str) -> str:
@@ -51,9 +67,29 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = Field(None, alias="STRIPE_API_BASE")
     stripe_webhook_secret: SecretStr | None = Field(None, alias="STRIPE_WEBHOOK_SECRET")
     metrics_source_url: str | None = Field(None, alias="BILLING_METRICS_SOURCE_URL")
+    # A report row not settled this long after its first attempt is never resent automatically: Stripe
+    # deduplicates an identifier for at least 24 hours, so this stays a safety margin below that.
+    report_horizon: timedelta = Field(timedelta(hours=20), alias="BILLING_REPORT_HORIZON")
+    # How long after a month ends Stripe may still invoice usage stamped inside it (Stripe's default).
+    finalization_grace: timedelta = Field(timedelta(hours=1), alias="BILLING_STRIPE_FINALIZATION_GRACE")
 
     _check_urls = field_validator("database_url", "metrics_source_url")(_postgres_url)
     _check_addrs = field_validator("temporal_address", "http_addr")(_host_port)
+
+    @field_validator("report_horizon", "finalization_grace", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> timedelta:
+        duration = parse_duration(value)
+        if duration <= timedelta(0):
+            raise ValueError("must be more than zero")
+        return duration
+
+    @field_validator("report_horizon")
+    @classmethod
+    def _below_stripe_dedupe(cls, value: timedelta) -> timedelta:
+        if value > timedelta(hours=24):
+            raise ValueError("must be at most 24h (Stripe deduplicates identifiers for 24 hours)")
+        return value
 
     @field_validator("stripe_api_base")
     @classmethod

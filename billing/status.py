@@ -26,7 +26,8 @@ class MeterUsage(BaseModel):
 
 
 class ReportCount(BaseModel):
-    """Stripe reports of one status not yet sent."""
+    """Queued Stripe overage of one state: pending, waiting_for_customer, sending, sent, sent_late,
+    uncertain, failed or voided."""
 
     status: str
     reports: int

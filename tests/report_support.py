@@ -15,9 +15,14 @@ from billing.reporting import start_stripe_reports
 from tests.conftest import make_settings
 from tests.stripe_server import FakeStripe
 
-# Short intervals so a 429 storm or a killed worker is recovered from in seconds, not minutes.
+# Short intervals so a 429 storm or a killed worker is recovered from in seconds, not minutes (a killed
+# worker's claim is taken over once its 3 s lease expires).
 FAST = ReportTuning(
-    initial_interval_seconds=0.05, maximum_interval_seconds=0.4, heartbeat_timeout_seconds=2.0, page_size=100
+    initial_interval_seconds=0.05,
+    maximum_interval_seconds=0.4,
+    heartbeat_timeout_seconds=2.0,
+    page_size=100,
+    lease_seconds=3.0,
 )
 TEST_KEY = "sk_test_reporting"
 

@@ -97,8 +97,8 @@ async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_an
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
         identifiers = await queue_rows(pool, org.id, [1, 2, 3, 4, 5, 6])
         settings = stripe_settings(database_url, client, fake)
-        # Rows 1 and 2 are counted by Stripe inside the page's open transaction; row 3 is still being
-        # processed by Stripe when the worker dies.
+        # Rows 1 and 2 are counted and recorded, each in its own short transaction; row 3 is still being
+        # processed by Stripe when the worker dies, with rows 4-6 claimed under the same lease.
         fake.slow_next(1, 2.0, path_prefix="/v1/billing/meter_events", skip=2)
         env = _env(settings, fake)
         with _worker_process(env) as first:
@@ -109,9 +109,10 @@ async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_an
             first.send_signal(signal.SIGKILL)
             first.wait()
         assert first.returncode == -signal.SIGKILL
-        # The page never committed: every row is pending, though Stripe already counted two of them.
-        assert [r["status"] for r in await outbox(pool, org.id)] == ["pending"] * 6
-        assert counted_identifiers(fake) == identifiers[:2]
+        # What was recorded stays; the rest waits for the dead worker's lease to expire.
+        assert [r["status"] for r in await outbox(pool, org.id)] == ["sent"] * 2 + ["sending"] * 4
+        assert fake.wait_idle()
+        assert counted_identifiers(fake) == identifiers[:3]
 
         with _worker_process(env):
             handle = client.get_workflow_handle(starts.workflow_ids[0], result_type=StripeReportResult)
@@ -121,9 +122,11 @@ async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_an
         assert counted_identifiers(fake) == identifiers
         assert fake.total(customer, "agent_tasks") == 21
         requests = meter_event_requests(fake)
-        assert [requests.count(i) for i in identifiers] == [2, 2, 2, 1, 1, 1]
+        # Only the row in flight at the kill was sent twice (same identifier, next key): counted once.
+        assert [requests.count(i) for i in identifiers] == [1, 1, 2, 1, 1, 1]
         rows = await outbox(pool, org.id)
         assert [r["status"] for r in rows] == ["sent"] * 6
+        assert [r["stripe_response"].get("deduplicated") for r in rows] == [None, None, True, None, None, None]
         assert result.sent == 6
         assert result.pending == 0
 
