@@ -69,7 +69,8 @@ async def stripe_meter_errors(request: Request) -> JSONResponse:
             row = await (await conn.execute(query("meter_error_record"), record)).fetchone()
     except psycopg.Error as exc:
         raise ApiError(503, f"event {notification.id} not recorded (PostgreSQL: {type(exc).__name__})") from None
-    if row is not None:
+    assert row is not None
+    if row["inserted"]:
         STRIPE_METER_ERRORS.labels(notification.type).inc()
         log.error(
             "Stripe meter error %s (%s): %s; org %s; identifiers %s",
@@ -79,7 +80,7 @@ async def stripe_meter_errors(request: Request) -> JSONResponse:
             row["org_id"],
             record["identifiers"][:5],
         )
-    return JSONResponse({"ok": True, "org_id": row["org_id"] if row else None})
+    return JSONResponse({"ok": True, "org_id": row["org_id"]})
 
 
 async def _details(client: stripe.StripeClient | None, notification: Any) -> dict[str, Any]:

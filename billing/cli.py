@@ -160,6 +160,18 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         why = f" (last: {report.last_reason})" if report.last_reason else ""
         plural = "s" if report.reports != 1 else ""
         print(f"    {report.status}: {report.reports} report{plural}, {report.quantity:,} units{why}")
+    for error in status.stripe_meter_errors:
+        whose = "unmatched, any org" if error["unmatched"] else "this org"
+        print(
+            f"    Stripe meter error {error['event_id']} ({whose}): {error['code']}, "
+            f"{error['error_count']} events: {error['message']}"
+        )
+    for act in status.stripe_report_actions:
+        new = f" as {act['new_identifier']}" if act["new_identifier"] else ""
+        print(
+            f"    {act['at']:%Y-%m-%d %H:%M} {act['actor']} {act['action']} {act['old_identifier']}{new}: "
+            f"{act['reason']}"
+        )
     print(f"  resets: {', '.join(status.recent_resets) or 'none yet'}")
     if status.temporal_error:
         print(f"  workflows and payment state machine: unknown, {status.temporal_error}")
@@ -322,7 +334,13 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         for meter in data["meters"]:
             for key in ("ledger", "stripe", "difference"):
                 meter[key] = _number(meter[key])
-        print(json.dumps({**data, "matches": report.matches}, indent=2))
+        print(
+            json.dumps(
+                {**data, "unsettled_units": report.unsettled_units, "matches": report.matches},
+                indent=2,
+                default=str,
+            )
+        )
         return 0 if report.matches else 1
     print(
         f"org {report.org_id}, customer {report.stripe_customer_id}, {report.month} (ledger = sent reports)"
@@ -335,6 +353,18 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         )
     differing = sum(1 for meter in report.meters if meter.difference != 0)
     print("all meters match" if not differing else f"{differing} meter(s) differ")
+    if report.queued:
+        states = ", ".join(f"{q.state} {q.quantity:,} ({q.reports})" for q in report.queued)
+        print(f"  queued for {report.month}: {states}")
+    if report.unsettled_units:
+        print(f"  {report.unsettled_units:,} queued units are neither sent nor voided")
+    for row in report.uncertain:
+        print(
+            f"  uncertain {row['identifier']} ({row['tag']}, {row['month']}, {row['quantity']:,}): "
+            "counted by Stripe? `billing report-mark-sent`; missing? `billing report-resend`"
+        )
+    for error in report.meter_errors:
+        print(f"  Stripe meter error {error['event_id']} ({error['code']}): {error['message']}")
     return 0 if report.matches else 1
 
 
@@ -373,6 +403,58 @@ async def cmd_report_pending(args: argparse.Namespace, settings: Settings) -> in
         f"{starts.already_running} already running"
     )
     _print({**result, "workflow_ids": starts.workflow_ids}, args.json, text)
+    return 0
+
+
+async def cmd_report_act(args: argparse.Namespace, settings: Settings) -> int:
+    """Void, mark sent or send again named Stripe report rows of an org (recorded: who, when, why)."""
+    from billing.db import open_pool
+    from billing.report_ops import act_on_rows
+
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
+        acted = await act_on_rows(
+            pool, args.org_id, args.identifiers, args.action, actor=args.by, reason=args.reason
+        )
+    finally:
+        await pool.close()
+    verb = {"void": "voided", "mark_sent": "marked sent", "resend": "queued to send again"}[args.action]
+    lines = [
+        f"{row.identifier} {verb}" + (f" as {row.new_identifier}" if row.new_identifier else "") for row in acted
+    ]
+    _print({"action": args.action, "rows": [row.model_dump() for row in acted]}, args.json, "\n".join(lines))
+    return 0
+
+
+async def cmd_report_list(args: argparse.Namespace, settings: Settings) -> int:
+    """List an org's Stripe report rows that are not settled (and the month's rows with --month)."""
+    from billing.db import open_pool
+    from billing.months import parse_month
+    from billing.sql import query
+
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
+        async with pool.connection() as conn:
+            params = {"org_id": args.org_id, "month": parse_month(args.month) if args.month else None}
+            rows = await (await conn.execute(query("report_rows_of_org"), params)).fetchall()
+            actions = await (
+                await conn.execute(query("report_actions_of_org"), {"org_id": args.org_id, "limit": 20})
+            ).fetchall()
+    finally:
+        await pool.close()
+    if args.json:
+        print(json.dumps({"rows": rows, "actions": actions}, indent=2, default=str))
+        return 0
+    for row in rows:
+        late = " (sent late)" if row["sent_late"] else ""
+        why = f": {row['status_reason']}" if row["status_reason"] else ""
+        print(f"{row['identifier']}  {row['tag']}  {row['month']}  {row['quantity']:,}  {row['status']}{late}{why}")
+    for action in actions:
+        new = f" -> {action['new_identifier']}" if action["new_identifier"] else ""
+        print(
+            f"{action['at']:%Y-%m-%d %H:%M} {action['actor']} {action['action']} {action['old_identifier']}{new}"
+            f" ({action['from_status']}): {action['reason']}"
+        )
     return 0
 
 
@@ -450,7 +532,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pending.add_argument("--org", dest="org_id", type=_org_id, metavar="ORG_ID", help="only this org")
     pending.add_argument("--json", action="store_true", help="print JSON")
+
+    listing = add("report-list", cmd_report_list, "list an org's unsettled Stripe report rows and operator acts")
+    listing.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+    listing.add_argument("--month", type=_month, help="also the month's settled rows, YYYY-MM")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    for name, action, text in (
+        ("report-void", "void", "write off pending, failed or uncertain report rows (never sent)"),
+        ("report-mark-sent", "mark_sent", "settle uncertain rows Stripe counted (see billing reconcile)"),
+        ("report-resend", "resend", "send failed or uncertain rows again under a new identifier"),
+    ):
+        command = add(name, cmd_report_act, text)
+        command.set_defaults(action=action)
+        command.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+        command.add_argument("identifiers", nargs="+", metavar="IDENTIFIER", help="the rows' identifiers")
+        command.add_argument("--reason", type=_reason, required=True, help="why (recorded with the act)")
+        command.add_argument(
+            "--by", type=_reason, default=_operator(), help="who acts (default: the OS user; recorded)"
+        )
+        command.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _operator() -> str:
+    """The default actor of an operator command: the OS user name."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -121,6 +121,7 @@ class StripeReportResult(Model):
     pending: int
     stripe_configured: bool
     outcome: str
+    uncertain: int = 0
 
 
 class SendReportsInput(Model):

@@ -103,12 +103,17 @@ class StripeReportWorkflow:
                 details += f"; last refusal: {last_failure}"
             workflow.set_current_details(details)
             if not page.more and not self._rows_queued:
-                return self._finish(request, totals, page.pending, True, details)
+                return self._finish(request, totals, page.pending, True, details, page.uncertain)
         workflow.continue_as_new(request.model_copy(update=totals))
 
     @staticmethod
     def _finish(
-        request: StripeReportInput, totals: dict[str, int], pending: int, configured: bool, outcome: str
+        request: StripeReportInput,
+        totals: dict[str, int],
+        pending: int,
+        configured: bool,
+        outcome: str,
+        uncertain: int = 0,
     ) -> StripeReportResult:
         workflow.set_current_details(outcome)
         return StripeReportResult(
@@ -117,6 +122,7 @@ class StripeReportWorkflow:
             pending=pending,
             stripe_configured=configured,
             outcome=outcome,
+            uncertain=uncertain,
             **totals,
         )
 

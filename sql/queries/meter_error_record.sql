@@ -1,4 +1,4 @@
--- Record one Stripe meter error notification (a redelivery changes nothing). The org is the org of the
+-- Record one Stripe meter error notification (a redelivery changes nothing: inserted = false). The org is the org of the
 -- first report row whose identifier (or an earlier identifier of it) Stripe's samples name.
 INSERT INTO stripe_meter_errors
     (event_id, event_type, meter_id, code, message, error_count, identifiers, organization_id)
@@ -8,5 +8,5 @@ SELECT %(event_id)s, %(event_type)s, %(meter_id)s, %(code)s, %(message)s, %(erro
         WHERE o.identifier = ANY(%(identifiers)s::text[])
            OR o.previous_identifiers && %(identifiers)s::text[]
         ORDER BY o.id LIMIT 1)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING organization_id::text AS org_id
+ON CONFLICT (event_id) DO UPDATE SET event_id = EXCLUDED.event_id
+RETURNING organization_id::text AS org_id, (xmax = 0) AS inserted
