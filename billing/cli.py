@@ -548,13 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("identifiers", nargs="+", metavar="IDENTIFIER", help="the rows' identifiers")
         command.add_argument("--reason", type=_reason, required=True, help="why (recorded with the act)")
         command.add_argument(
-            "--by", type=_reason, default=_operator(), help="who acts (default: the OS user; recorded)"
+            "--by", type=_reason, default=_os_user(), help="who acts (default: the OS user; recorded)"
         )
         command.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
-def _operator() -> str:
+def _os_user() -> str:
     """The default actor of an operator command: the OS user name."""
     import getpass
 

@@ -143,6 +143,7 @@ async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_an
             "  skill_blocks                        0              0           +0",
             "  storage_gb_hour                     0              0           +0",
             "all meters match",
+            f"  queued for {month}: sent 21 (6)",
         ]
 
         # An event that bypassed the outbox: Stripe counts 5 more than the ledger sent.

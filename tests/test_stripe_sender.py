@@ -467,3 +467,43 @@ async def test_late_usage_and_a_row_older_than_35_days_are_stamped_at_send_time_
     status = await load_org_status(pool, org.id, f"{old_month:%Y-%m}", stripe_configured=True)
     assert status is not None
     assert [(r.status, r.reports, r.quantity) for r in status.stripe_reports] == [("sent_late", 1, 7)]
+
+
+async def test_operator_commands_on_the_cli_record_who_and_why_and_refuse_bad_input(
+    pool: AsyncConnectionPool, database_url: str
+) -> None:
+    import os
+    import subprocess
+
+    from tests.conftest import VENV_BIN
+
+    org = await make_org(pool, plan="pro")
+    first, second = await queue_rows(pool, org.id, [3, 4])
+    env = {**os.environ, "DATABASE_URL": database_url}
+    env.pop("STRIPE_API_KEY", None)
+
+    def billing(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "billing"), *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    voided = await asyncio.to_thread(
+        billing, "report-void", org.id, first, "--reason", "customer refunded", "--by", "alice"
+    )
+    assert (voided.returncode, voided.stdout, voided.stderr) == (0, f"{first} voided\n", "")
+    again = await asyncio.to_thread(billing, "report-void", org.id, first, second, "--reason", "twice")
+    assert again.returncode == 2
+    assert again.stderr == (
+        f"billing: error: report row {first} is voided; void applies to failed, pending, uncertain rows only\n"
+    )
+    missing = await asyncio.to_thread(billing, "report-resend", org.id, second, "--reason", " ")
+    assert missing.returncode == 2 and "--reason must not be empty" in missing.stderr
+    listed = await asyncio.to_thread(billing, "report-list", org.id)
+    assert listed.returncode == 0
+    lines = listed.stdout.splitlines()
+    assert lines[0] == f"{second}  task.created  {this_hour():%Y-%m}  4  pending"
+    assert lines[1].endswith(f"alice void {first} (pending): customer refunded")
+    assert await _rows(pool, org.id, "status", "status_reason LIKE 'voided by alice at %%: customer refunded'") == [
+        ("voided", True),
+        ("pending", None),
+    ]
