@@ -31,6 +31,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -162,6 +163,18 @@ async def _heartbeating() -> AsyncIterator[None]:
             await task
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """One call's outcome: the row's new status (sent, failed, retry), why, Stripe's answer, whether the
+    next attempt needs a new Idempotency-Key, and the error to raise for a retry."""
+
+    status: str
+    reason: str | None
+    response: Any
+    rotate: bool
+    retry: stripe.StripeError | None
+
+
 class StripeReportActivities:
     """Outbox drain and storage overage; ``stripe`` is None when STRIPE_API_KEY is not set."""
 
@@ -219,18 +232,38 @@ class StripeReportActivities:
         async with _heartbeating():
             rows = await self._claim(org_id, attempt_id, request.page_size, lease)
             retry_error: stripe.StripeError | None = None
+            recording: asyncio.Task[None] | None = None
+            recorded = 0  # rows whose outcome is recorded (or being recorded)
+            in_flight: dict[str, Any] | None = None
             try:
                 for row in rows:
                     activity.heartbeat(row["identifier"])
-                    retry_error = await self._send_and_record(
-                        stripe_client, org_id, attempt_id, row, reported_by, lease
+                    in_flight = row
+                    outcome = await self._call(stripe_client, org_id, row)
+                    in_flight = None
+                    # Each outcome is recorded in its own short transaction as soon as it is known; the
+                    # next call starts while it commits (records stay in order: one at a time).
+                    if recording is not None:
+                        await recording
+                    recording = asyncio.create_task(
+                        self._record(attempt_id, row, reported_by, lease, outcome)
                     )
-                    if retry_error is not None:
+                    recorded += 1
+                    if outcome.retry is not None:
+                        retry_error = outcome.retry
                         break
+                if recording is not None:
+                    await recording
             finally:
-                # Rows claimed but not called (a retryable error, a cancellation) are given back now
-                # rather than when their lease expires.
-                if rows:
+                if recording is not None and not recording.done():
+                    await asyncio.shield(recording)
+                if in_flight is not None:
+                    # Interrupted mid-call (cancelled): no answer, so the next attempt uses a new key.
+                    interrupted = _Outcome("retry", "will retry: call interrupted", None, True, None)
+                    await asyncio.shield(self._record(attempt_id, in_flight, reported_by, lease, interrupted))
+                    recorded += 1
+                # Rows claimed but never called are given back now rather than when the lease expires.
+                if recorded < len(rows):
                     async with self.pool.connection() as conn:
                         await conn.execute(query("report_release"), {"attempt_id": attempt_id})
         if retry_error is not None:
@@ -246,7 +279,9 @@ class StripeReportActivities:
                 query("report_lock_org"), {"org_id": org_id, "idle_timeout": _IDLE_IN_TRANSACTION_TIMEOUT}
             )
             uncertain = await (
-                await conn.execute(query("report_mark_uncertain"), {"org_id": org_id, "horizon": self.horizon})
+                await conn.execute(
+                    query("report_mark_uncertain"), {"org_id": org_id, "horizon": self.horizon}
+                )
             ).fetchall()
             claimed = await (
                 await conn.execute(
@@ -278,30 +313,16 @@ class StripeReportActivities:
             )
         return [dict(row) for row in claimed]
 
-    async def _send_and_record(
-        self,
-        stripe_client: stripe.StripeClient,
-        org_id: str,
-        attempt_id: str,
-        row: dict[str, Any],
-        reported_by: str,
-        lease: timedelta,
-    ) -> stripe.StripeError | None:
-        """Call Stripe for one row (no connection held), then record the outcome in its own transaction.
-
-        Returns the error to raise when Stripe must be retried later (the row is pending again)."""
-        retry: stripe.StripeError | None = None
-        rotate = False
+    async def _call(self, stripe_client: stripe.StripeClient, org_id: str, row: dict[str, Any]) -> _Outcome:
+        """Call Stripe for one row, holding no connection: its outcome, with the error to raise when
+        Stripe must be retried later (the row is then pending again)."""
         try:
             status, reason, response = await self._send(stripe_client, org_id, row)
         except stripe.StripeError as error:
-            retry, rotate = error, _rotates_key(error)
-            status, response = "retry", None
             reason = f"will retry: {error.http_status or 'no answer'} {_error_message(error)}"
             if _is_configuration_refusal(error):
-                code = _error_code(error)
                 reason = f"will retry: Stripe configuration: {_error_message(error)}"
-                STRIPE_CONFIG_REFUSALS.labels(code).inc()
+                STRIPE_CONFIG_REFUSALS.labels(_error_code(error)).inc()
                 # Alert level: every row of every org waits until the Stripe account is fixed.
                 activity.logger.error(
                     "ALERT: Stripe refused meter event %s (%s) for a configuration reason: %s; rows stay "
@@ -310,24 +331,42 @@ class StripeReportActivities:
                     row["stripe_event_name"],
                     _error_message(error),
                 )
-        STRIPE_REPORTS.labels(status).inc()
-        if status == "failed":
-            STRIPE_REPORT_FAILURES.labels(str((response or {}).get("error", {}).get("code") or "other")).inc()
+            return _Outcome("retry", reason, None, _rotates_key(error), error)
+        return _Outcome(status, reason, response, False, None)
+
+    async def _record(
+        self, attempt_id: str, row: dict[str, Any], reported_by: str, lease: timedelta, outcome: _Outcome
+    ) -> None:
+        """Record one row's outcome in its own short transaction (renewing the attempt's lease)."""
+        STRIPE_REPORTS.labels(outcome.status).inc()
+        if outcome.status == "failed":
+            code = (outcome.response or {}).get("error", {}).get("code") if outcome.response else None
+            STRIPE_REPORT_FAILURES.labels(str(code or "other")).inc()
         async with self.pool.connection() as conn:
-            await conn.execute(
-                query("report_record_one"),
-                {
-                    "id": row["id"],
-                    "attempt_id": attempt_id,
-                    "outcome": status,
-                    "reason": reason,
-                    "response": None if response is None else Jsonb(response, dumps=_dumps),
-                    "rotate": rotate,
-                    "reported_by": reported_by,
-                    "lease": lease,
-                },
-            )
-        return retry
+            # One statement is its own transaction: autocommit saves the COMMIT round trip per row.
+            await conn.set_autocommit(True)
+            try:
+                await self._record_statement(conn, attempt_id, row, reported_by, lease, outcome)
+            finally:
+                await conn.set_autocommit(False)
+
+    @staticmethod
+    async def _record_statement(
+        conn: Any, attempt_id: str, row: dict[str, Any], reported_by: str, lease: timedelta, outcome: _Outcome
+    ) -> None:
+        await conn.execute(
+            query("report_record_one"),
+            {
+                "id": row["id"],
+                "attempt_id": attempt_id,
+                "outcome": outcome.status,
+                "reason": outcome.reason,
+                "response": None if outcome.response is None else Jsonb(outcome.response, dumps=_dumps),
+                "rotate": outcome.rotate,
+                "reported_by": reported_by,
+                "lease": lease,
+            },
+        )
 
     async def _send(
         self, stripe_client: stripe.StripeClient, org_id: str, row: dict[str, Any]
