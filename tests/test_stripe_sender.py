@@ -4,6 +4,7 @@ PostgreSQL, the Temporal dev server and the strict test Stripe server."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -25,7 +26,7 @@ from billing.report_ops import act_on_rows
 from billing.reporting import start_stripe_reports
 from billing.status import load_org_status
 from billing.stripe_client import make_stripe_client
-from tests.conftest import running_worker
+from tests.conftest import API_TOKEN, running_worker
 from tests.factories import make_org
 from tests.report_support import (
     FAST,
@@ -341,6 +342,12 @@ async def test_a_meter_error_notification_is_recorded_counted_and_shown_in_statu
                     headers={"Stripe-Signature": sign_payload(body, ["whsec_old", secret])},
                 )
                 assert (ok.status_code, ok.json()) == (200, {"ok": True, "org_id": org.id})
+            shown = await http.get(f"/v1/orgs/{org.id}", headers={"Authorization": f"Bearer {API_TOKEN}"})
+        assert shown.status_code == 200, shown.text
+        assert [(e["event_id"], e["code"]) for e in shown.json()["stripe_meter_errors"]] == [
+            (ok.json() and json.loads(body)["id"], "meter_event_customer_not_found")
+        ]
+        assert [(r["status"], r["quantity"]) for r in shown.json()["stripe_reports"]] == [("sent", 3)]
         assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
         assert (
             REGISTRY.get_sample_value(
