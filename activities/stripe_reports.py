@@ -57,8 +57,6 @@ from billing.models_stripe import (
 from billing.sql import query
 from billing.telemetry import (
     STRIPE_CONFIG_REFUSALS,
-    STRIPE_OUTBOX,
-    STRIPE_OUTBOX_UNITS,
     STRIPE_REPORT_FAILURES,
     STRIPE_REPORTS,
 )
@@ -425,12 +423,7 @@ class StripeReportActivities:
 
         Without STRIPE_API_KEY nothing is started: the rows wait, and ``billing status`` says why.
         """
-        async with self.pool.connection() as conn:
-            totals = await (await conn.execute(query("report_state_totals"))).fetchall()
-        for state in ("pending", "waiting_for_customer", "sending", "uncertain", "failed"):
-            found = next((t for t in totals if t["state"] == state), None)
-            STRIPE_OUTBOX.labels(state).set(found["reports"] if found else 0)
-            STRIPE_OUTBOX_UNITS.labels(state).set(found["quantity"] if found else 0)
+        await reporting.refresh_outbox_gauges(self.pool)
         if self.stripe is None:
             return StartReportsResult(started=0, already_running=0, stripe_configured=False)
         async with self.pool.connection() as conn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import httpx
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
@@ -28,6 +29,21 @@ from tests.report_support import (
     this_hour,
 )
 from tests.stripe_server import FakeStripe
+
+
+async def _waiting_metrics(settings, pool: AsyncConnectionPool, client: Client) -> tuple[float, float]:
+    """billing_stripe_outbox_rows and _units of state waiting_for_customer, as GET /metrics shows them."""
+    from api.app import create_app
+
+    transport = httpx.ASGITransport(app=create_app(settings, pool, client))
+    async with httpx.AsyncClient(transport=transport, base_url="http://billing.test") as http:
+        text = (await http.get("/metrics")).text
+    values = {}
+    for line in text.splitlines():
+        for name in ("billing_stripe_outbox_rows", "billing_stripe_outbox_units"):
+            if line.startswith(f'{name}{{state="waiting_for_customer"}} '):
+                values[name] = float(line.split()[-1])
+    return values["billing_stripe_outbox_rows"], values["billing_stripe_outbox_units"]
 
 
 async def _assert_reconciles(pool: AsyncConnectionPool, settings, org_id: str) -> None:
@@ -239,6 +255,8 @@ async def test_a_queued_row_of_a_free_org_is_sent_and_one_without_customer_waits
             assert [(r.status, r.reports, r.quantity) for r in status.stripe_reports] == [
                 ("waiting_for_customer", 1, 30)
             ]
+            # /metrics counts it too (the session database's rows waiting: this one, before it is sent).
+            waiting_rows, waiting_units = await _waiting_metrics(settings, pool, client)
 
             # The customer becomes known (the org-billing workflow records it): the row goes out.
             customer = fake.add_customer()
@@ -248,6 +266,8 @@ async def test_a_queued_row_of_a_free_org_is_sent_and_one_without_customer_waits
                     [customer, nameless.id],
                 )
             later = await report(client, settings, nameless.id, hour=this_hour() - timedelta(hours=1))
+            after_rows, after_units = await _waiting_metrics(settings, pool, client)
+        assert (waiting_rows - after_rows, waiting_units - after_units) == (1, 30)
         assert later.sent == 1
         assert counted_identifiers(fake) == churned_rows + nameless_rows
         assert fake.total(customer, "agent_tasks") == 30
