@@ -48,7 +48,14 @@ def activities(
     resets = ResetActivities(pool, client, task_queue)
     usage = UsageActivities(settings, pool, client, task_queue)
     payments = PaymentActivities(settings, pool)
-    reports = StripeReportActivities(pool, client, task_queue, make_stripe_client(settings))
+    reports = StripeReportActivities(
+        pool,
+        client,
+        task_queue,
+        make_stripe_client(settings),
+        horizon=settings.report_horizon,
+        grace=settings.finalization_grace,
+    )
     return [
         resets.close_org_month,
         resets.start_monthly_resets,

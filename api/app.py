@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from temporalio.client import Client
 
-from api import admin, health, usage, webhooks
+from api import admin, health, meter_errors, usage, webhooks
 from api.errors import EXCEPTION_HANDLERS
 from api.schemas import openapi_document
 from api.telemetry import TelemetryMiddleware
@@ -36,6 +36,7 @@ def create_app(settings: Settings, pool: AsyncConnectionPool, client: Client) ->
         Route("/v1/metrics", usage.post_metrics, methods=["POST"]),
         Route("/v1/projects/{project_id}/quota", usage.get_quota, methods=["GET"]),
         Route("/v1/stripe/webhook", webhooks.stripe_webhook, methods=["POST"]),
+        Route("/v1/stripe/meter-errors", meter_errors.stripe_meter_errors, methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,

@@ -169,6 +169,18 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(
             f"    {report.status}: {plural(report.reports, 'report')}, {plural(report.quantity, 'unit')}{why}"
         )
+    for error in status.stripe_meter_errors:
+        whose = "unmatched, any org" if error["unmatched"] else "this org"
+        print(
+            f"    Stripe meter error {error['event_id']} ({whose}): {error['code']}, "
+            f"{plural(error['error_count'], 'event')}: {error['message']}"
+        )
+    for act in status.stripe_report_actions:
+        new = f" as {act['new_identifier']}" if act["new_identifier"] else ""
+        print(
+            f"    {iso(act['at'])} {act['actor']} {act['action']} {act['old_identifier']}{new}: "
+            f"{act['reason']}"
+        )
     print(f"  resets: {', '.join(status.recent_resets) or 'none yet'}")
     for event in status.webhook_events_not_applied:
         print(f"  Stripe event not applied ({event['status']}): {event['event_id']} {event['event_type']}: "
@@ -422,7 +434,13 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         for meter in data["meters"]:
             for key in ("ledger", "stripe", "difference"):
                 meter[key] = _number(meter[key])
-        print(json.dumps({**data, "matches": report.matches}, indent=2))
+        print(
+            json.dumps(
+                {**data, "unsettled_units": report.unsettled_units, "matches": report.matches},
+                indent=2,
+                default=str,
+            )
+        )
         return 0 if report.matches else 1
     print(
         f"org {report.org_id}, customer {report.stripe_customer_id}, {report.month} (ledger = sent reports)"
@@ -439,6 +457,19 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         if not differing
         else f"{plural(differing, 'meter')} {verb(differing, 'differs', 'differ')}"
     )
+    if report.queued:
+        states = ", ".join(f"{q.state} {q.quantity:,} ({q.reports})" for q in report.queued)
+        print(f"  queued for {report.month}: {states}")
+    if report.unsettled_units:
+        unsettled = report.unsettled_units
+        print(f"  {plural(unsettled, 'queued unit')} {verb(unsettled, 'is', 'are')} neither sent nor voided")
+    for row in report.uncertain:
+        print(
+            f"  uncertain {row['identifier']} ({row['tag']}, {row['month']}, {row['quantity']:,}): "
+            "counted by Stripe? `billing report-mark-sent`; missing? `billing report-resend`"
+        )
+    for error in report.meter_errors:
+        print(f"  Stripe meter error {error['event_id']} ({error['code']}): {error['message']}")
     return 0 if report.matches else 1
 
 
@@ -542,6 +573,58 @@ async def cmd_system(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_report_act(args: argparse.Namespace, settings: Settings) -> int:
+    """Void, mark sent or send again named Stripe report rows of an org (recorded: who, when, why)."""
+    from billing.db import open_pool
+    from billing.report_ops import act_on_rows
+
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
+        acted = await act_on_rows(
+            pool, args.org_id, args.identifiers, args.action, actor=args.by, reason=args.reason
+        )
+    finally:
+        await pool.close()
+    done = {"void": "voided", "mark_sent": "marked sent", "resend": "queued to send again"}[args.action]
+    lines = [
+        f"{row.identifier} {done}" + (f" as {row.new_identifier}" if row.new_identifier else "") for row in acted
+    ]
+    _print({"action": args.action, "rows": [row.model_dump() for row in acted]}, args.json, "\n".join(lines))
+    return 0
+
+
+async def cmd_report_list(args: argparse.Namespace, settings: Settings) -> int:
+    """List an org's Stripe report rows that are not settled (and the month's rows with --month)."""
+    from billing.db import open_pool
+    from billing.months import parse_month
+    from billing.sql import query
+
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
+        async with pool.connection() as conn:
+            params = {"org_id": args.org_id, "month": parse_month(args.month) if args.month else None}
+            rows = await (await conn.execute(query("report_rows_of_org"), params)).fetchall()
+            actions = await (
+                await conn.execute(query("report_actions_of_org"), {"org_id": args.org_id, "limit": 20})
+            ).fetchall()
+    finally:
+        await pool.close()
+    if args.json:
+        print(json.dumps({"rows": rows, "actions": actions}, indent=2, default=str))
+        return 0
+    for row in rows:
+        late = " (sent late)" if row["sent_late"] else ""
+        why = f": {row['status_reason']}" if row["status_reason"] else ""
+        print(f"{row['identifier']}  {row['tag']}  {row['month']}  {row['quantity']:,}  {row['status']}{late}{why}")
+    for action in actions:
+        new = f" -> {action['new_identifier']}" if action["new_identifier"] else ""
+        print(
+            f"{iso(action['at'])} {action['actor']} {action['action']} {action['old_identifier']}{new}"
+            f" ({action['from_status']}): {action['reason']}"
+        )
+    return 0
+
+
 def _number(value: str) -> int | float:
     """A decimal from JSON as a plain number (an int when integral)."""
     return int(value) if float(value).is_integer() else float(value)
@@ -624,7 +707,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pending.add_argument("--org", dest="org_id", type=_org_id, metavar="ORG_ID", help="only this org")
     pending.add_argument("--json", action="store_true", help="print JSON")
+
+    listing = add("report-list", cmd_report_list, "list an org's unsettled Stripe report rows and operator acts")
+    listing.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+    listing.add_argument("--month", type=_month, help="also the month's settled rows, YYYY-MM")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    for name, action, text in (
+        ("report-void", "void", "write off pending, failed or uncertain report rows (never sent)"),
+        ("report-mark-sent", "mark_sent", "settle uncertain rows Stripe counted (see billing reconcile)"),
+        ("report-resend", "resend", "send failed or uncertain rows again under a new identifier"),
+    ):
+        command = add(name, cmd_report_act, text)
+        command.set_defaults(action=action)
+        command.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+        command.add_argument("identifiers", nargs="+", metavar="IDENTIFIER", help="the rows' identifiers")
+        command.add_argument("--reason", type=_reason, required=True, help="why (recorded with the act)")
+        command.add_argument(
+            "--by", type=_reason, default=_os_user(), help="who acts (default: the OS user; recorded)"
+        )
+        command.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _os_user() -> str:
+    """The default actor of an operator command: the OS user name."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -23,21 +23,26 @@ _ENV_NAMES = {
     "metrics_source_url": "BILLING_METRICS_SOURCE_URL",
     "push_answer_seconds": "BILLING_PUSH_ANSWER_SECONDS",
     "retention": "BILLING_RETENTION",
+    "report_horizon": "BILLING_REPORT_HORIZON",
+    "finalization_grace": "BILLING_STRIPE_FINALIZATION_GRACE",
 }
 
 # BILLING_RETENTION may not go below a week: Stripe redelivers an event for up to 3 days, and a
 # client re-pushes a batch within minutes; a shorter retention would purge what still deduplicates.
 MIN_RETENTION = timedelta(days=7)
+
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(value: str) -> timedelta:
-    """``35d``, ``12h``, ``90m`` or ``30s`` as a timedelta; ValueError otherwise."""
-    text = value.strip()
-    number, unit = text[:-1], text[-1:]
-    if unit not in _DURATION_UNITS or not number.isdigit():
-        raise ValueError(f"expected a duration such as 35d, 12h or 90m, got {value!r}")
-    return timedelta(seconds=int(number) * _DURATION_UNITS[unit])
+def parse_duration(value: object) -> timedelta:
+    """``30s``, ``90m``, ``20h``, ``35d`` (or a timedelta) as a timedelta; anything else is a ValueError."""
+    if isinstance(value, timedelta):
+        return value
+    text = str(value).strip()
+    unit = _DURATION_UNITS.get(text[-1:])
+    if unit is None or not text[:-1].isdigit():
+        raise ValueError(f"expected a duration such as 30s, 90m, 20h or 35d, got {text!r}")
+    return timedelta(seconds=int(text[:-1]) * unit)
 
 
 def _host_port(value: str) -> str:
@@ -71,9 +76,29 @@ class Settings(BaseSettings):
     # How long POST /v1/metrics waits for its batch's workflow before answering 503 (the run goes on).
     push_answer_seconds: float = Field(60.0, alias="BILLING_PUSH_ANSWER_SECONDS", gt=0, le=3600)
     retention: timedelta = Field(timedelta(days=35), alias="BILLING_RETENTION")
+    # A report row not settled this long after its first attempt is never resent automatically: Stripe
+    # deduplicates an identifier for at least 24 hours, so this stays a safety margin below that.
+    report_horizon: timedelta = Field(timedelta(hours=20), alias="BILLING_REPORT_HORIZON")
+    # How long after a month ends Stripe may still invoice usage stamped inside it (Stripe's default).
+    finalization_grace: timedelta = Field(timedelta(hours=1), alias="BILLING_STRIPE_FINALIZATION_GRACE")
 
     _check_urls = field_validator("database_url", "metrics_source_url")(_postgres_url)
     _check_addrs = field_validator("temporal_address", "http_addr")(_host_port)
+
+    @field_validator("report_horizon", "finalization_grace", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> timedelta:
+        duration = parse_duration(value)
+        if duration <= timedelta(0):
+            raise ValueError("must be more than zero")
+        return duration
+
+    @field_validator("report_horizon")
+    @classmethod
+    def _below_stripe_dedupe(cls, value: timedelta) -> timedelta:
+        if value > timedelta(hours=24):
+            raise ValueError("must be at most 24h (Stripe deduplicates identifiers for 24 hours)")
+        return value
 
     @field_validator("stripe_api_base")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
@@ -27,7 +28,8 @@ class MeterUsage(BaseModel):
 
 
 class ReportCount(BaseModel):
-    """Stripe reports of one status not yet sent."""
+    """Queued Stripe overage of one state: pending, waiting_for_customer, sending, sent, sent_late,
+    uncertain, failed or voided."""
 
     status: str
     reports: int
@@ -61,6 +63,10 @@ class OrgStatus(BaseModel):
     flagged_projects: list[dict[str, str]]
     stripe_reports: list[ReportCount]
     stripe_reporting: str
+    # Stripe's asynchronous meter errors: the org's own, and recent ones no org could be matched to.
+    stripe_meter_errors: list[dict[str, Any]] = []
+    # The newest operator acts on the org's report rows (void, mark sent, resend): who, when, why.
+    stripe_report_actions: list[dict[str, Any]] = []
     recent_resets: list[str]
     # Recent Stripe events recorded but not applied on purpose (mismatch, ignored), with why.
     webhook_events_not_applied: list[dict[str, str]] = []
@@ -85,6 +91,10 @@ async def load_org_status(
         reports = await (await conn.execute(query("org_report_counts"), params)).fetchall()
         resets = await (await conn.execute(query("org_resets"), params)).fetchall()
         not_applied = await (await conn.execute(query("org_webhook_problems"), params)).fetchall()
+        meter_errors = await (await conn.execute(query("meter_errors_of_org"), params)).fetchall()
+        actions = await (
+            await conn.execute(query("report_actions_of_org"), {**params, "limit": 10})
+        ).fetchall()
     pending = sum(r["reports"] for r in reports if r["status"] == "pending")
     if not stripe_configured and pending:
         reporting = (
@@ -102,6 +112,8 @@ async def load_org_status(
         flagged_projects=[dict(row) for row in flags],
         stripe_reports=[ReportCount(**row) for row in reports],
         stripe_reporting=reporting,
+        stripe_meter_errors=[dict(row) for row in meter_errors],
+        stripe_report_actions=[dict(row) for row in actions],
         recent_resets=[row["month"] for row in resets],
         webhook_events_not_applied=[
             {key: str(row[key]) for key in ("event_id", "event_type", "status", "detail")}

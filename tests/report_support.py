@@ -16,12 +16,16 @@ from billing.reporting import start_stripe_reports
 from tests.conftest import make_settings
 from tests.stripe_server import FakeStripe
 
-# Short retry intervals so a 429 storm is recovered from in seconds, not minutes. The heartbeat
-# timeout is how long a killed worker's page waits before it is retried elsewhere; it is not short
-# enough that a live worker on a loaded machine (heartbeating every third of it) could miss it and
-# have its page retried concurrently, which would make the tests' exact request counts a race.
+# Short retry intervals so a 429 storm or a killed worker is recovered from in seconds, not minutes (a
+# killed worker's claim is taken over once its 3 s lease expires). The heartbeat timeout is not short
+# enough that a live worker on a loaded machine (heartbeating every third of it) could miss it and have
+# its activity retried concurrently, which would make the tests' exact request counts a race.
 FAST = ReportTuning(
-    initial_interval_seconds=0.05, maximum_interval_seconds=0.4, heartbeat_timeout_seconds=10.0, page_size=100
+    initial_interval_seconds=0.05,
+    maximum_interval_seconds=0.4,
+    heartbeat_timeout_seconds=10.0,
+    page_size=100,
+    lease_seconds=3.0,
 )
 TEST_KEY = "sk_test_reporting"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta
 
+import httpx
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
@@ -28,6 +29,21 @@ from tests.report_support import (
     this_hour,
 )
 from tests.stripe_server import FakeStripe
+
+
+async def _waiting_metrics(settings, pool: AsyncConnectionPool, client: Client) -> tuple[float, float]:
+    """billing_stripe_outbox_rows and _units of state waiting_for_customer, as GET /metrics shows them."""
+    from api.app import create_app
+
+    transport = httpx.ASGITransport(app=create_app(settings, pool, client))
+    async with httpx.AsyncClient(transport=transport, base_url="http://billing.test") as http:
+        text = (await http.get("/metrics")).text
+    values = {}
+    for line in text.splitlines():
+        for name in ("billing_stripe_outbox_rows", "billing_stripe_outbox_units"):
+            if line.startswith(f'{name}{{state="waiting_for_customer"}} '):
+                values[name] = float(line.split()[-1])
+    return values["billing_stripe_outbox_rows"], values["billing_stripe_outbox_units"]
 
 
 async def _assert_reconciles(pool: AsyncConnectionPool, settings, org_id: str, hour: datetime) -> None:
@@ -58,7 +74,7 @@ async def test_each_pending_row_becomes_one_meter_event_oldest_first(
             0,
             0,
         )
-        assert result.outcome == "4 sent (0 already in Stripe), 0 failed, 0 skipped, 0 pending"
+        assert result.outcome == "4 sent (0 already in Stripe), 0 failed, 0 pending"
         events = fake.meter_events
         assert [e["identifier"] for e in events] == identifiers
         assert [(e["event_name"], e["value"]) for e in events] == [
@@ -91,11 +107,14 @@ async def test_counted_then_dropped_on_every_first_call_counts_each_row_once(
         async with running_worker(settings, pool, client):
             result = await report(client, settings, org.id, hour=hour)
 
-        # Every row: a first call counted and then lost, and a retry with the same key replayed.
+        # Every row: a first call counted and then lost; the retry, under the row's next key (no answer
+        # may be a stored error), is answered by Stripe's identifier dedupe: counted once.
         assert meter_event_requests(fake) == [i for i in identifiers for _ in range(2)]
+        keys = [r.idempotency_key for r in fake.requests if r.path == "/v1/billing/meter_events"]
+        assert keys == [idempotency_key(i, generation) for i in identifiers for generation in (0, 1)]
         assert counted_identifiers(fake) == identifiers
         assert fake.total(customer, "agent_tasks") == 10
-        assert result.sent == 4
+        assert (result.sent, result.deduplicated) == (4, 4)
         assert [(r["status"], r["attempts"]) for r in await outbox(pool, org.id)] == [("sent", 2)] * 4
         await _assert_reconciles(pool, settings, org.id, hour)
 
@@ -178,8 +197,8 @@ async def test_a_refused_row_fails_with_stripes_message_and_the_others_are_sent(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
     hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
-    # Stripe has no meter for skill_blocks (space.learned): that row is refused with a 400.
-    with FakeStripe(meters=["agent_tasks", "storage_gb_hour"]) as fake:
+    # A value Stripe cannot read is the row's own fault: that row fails with Stripe's message.
+    with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
         first = await queue_rows(pool, org.id, [4], hour=hour)
@@ -189,55 +208,81 @@ async def test_a_refused_row_fails_with_stripes_message_and_the_others_are_sent(
         deleted = await make_org(pool, plan="pro", stripe_customer_id=gone)
         await queue_rows(pool, deleted.id, [2, 3], hour=hour)
         fake.delete_customer(gone)
+        fake.fail_next(1, status=400, path_prefix="/v1/billing/meter_events", store=True)
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
             result = await report(client, settings, org.id, hour=hour)
             deleted_result = await report(client, settings, deleted.id, hour=hour)
 
-        assert counted_identifiers(fake) == first + last
-        message = "No active meter was found for event_name 'skill_blocks'."
+        assert counted_identifiers(fake) == refused + last
+        message = "Injected failure (HTTP 400)."
         assert (result.sent, result.failed, result.pending) == (2, 1, 0)
         assert result.outcome == (
-            f"2 sent (0 already in Stripe), 1 failed, 0 skipped, 0 pending; last refusal: {refused[0]}: {message}"
+            f"2 sent (0 already in Stripe), 1 failed, 0 pending; last refusal: {first[0]}: {message}"
         )
         rows = await outbox(pool, org.id)
-        assert [r["status"] for r in rows] == ["sent", "failed", "sent"]
-        assert rows[1]["status_reason"] == message
-        assert rows[1]["stripe_response"]["error"]["message"] == message
+        assert [r["status"] for r in rows] == ["failed", "sent", "sent"]
+        assert rows[0]["status_reason"] == message
+        assert rows[0]["stripe_response"]["error"]["message"] == message
         assert (deleted_result.sent, deleted_result.failed) == (0, 2)
         assert {r["status_reason"] for r in await outbox(pool, deleted.id)} == {f"No such customer: '{gone}'"}
         status = await load_org_status(pool, org.id, f"{hour:%Y-%m}", stripe_configured=True)
         assert status is not None
         assert [(r.status, r.reports, r.quantity, r.last_reason) for r in status.stripe_reports] == [
-            ("failed", 1, 9, message)
+            ("failed", 1, 4, message),
+            ("sent", 2, 15, None),
         ]
 
 
-async def test_a_free_org_and_an_org_without_customer_are_never_sent_anything(
+async def test_a_queued_row_of_a_free_org_is_sent_and_one_without_customer_waits_for_it(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    """Billability is decided at queue time: a queued row is owed whatever the plan is now (issue 9:
+    the churned customer whose backlog was skipped), and no customer means waiting, not skipping."""
     hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     with FakeStripe() as fake:
-        free = await make_org(pool, plan="free", stripe_customer_id=fake.add_customer())
+        churned_customer = fake.add_customer()
+        churned = await make_org(pool, plan="free", stripe_customer_id=churned_customer)
         nameless = await make_org(pool, plan="team")
-        await queue_rows(pool, free.id, [10, 20], hour=hour)
-        await queue_rows(pool, nameless.id, [30], hour=hour)
+        churned_rows = await queue_rows(pool, churned.id, [10, 20], hour=hour)
+        nameless_rows = await queue_rows(pool, nameless.id, [30], hour=hour)
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
-            free_result = await report(client, settings, free.id, hour=hour)
+            churned_result = await report(client, settings, churned.id, hour=hour)
             nameless_result = await report(client, settings, nameless.id, hour=hour)
 
-        assert fake.request_counts["/v1/billing/meter_events"] == 0
-        assert fake.meter_events == []
-        assert (free_result.sent, free_result.skipped) == (0, 2)
-        assert (nameless_result.sent, nameless_result.skipped) == (0, 1)
-        assert [(r["status"], r["status_reason"]) for r in await outbox(pool, free.id)] == [
-            ("skipped", "plan free: free plans are never billed")
-        ] * 2
-        assert [(r["status"], r["status_reason"]) for r in await outbox(pool, nameless.id)] == [
-            ("skipped", "organization has no stripe_customer_id")
-        ]
-        assert free_result.outcome.endswith("skipped because plan free: free plans are never billed")
+            assert counted_identifiers(fake) == churned_rows
+            assert fake.total(churned_customer, "agent_tasks") == 30
+            assert (churned_result.sent, churned_result.skipped) == (2, 0)
+            assert (nameless_result.sent, nameless_result.pending, nameless_result.skipped) == (0, 1, 0)
+            assert nameless_result.outcome == (
+                "0 sent (0 already in Stripe), 0 failed, 1 pending; pending rows are waiting for a Stripe customer"
+            )
+            assert [(r["status"], r["status_reason"]) for r in await outbox(pool, nameless.id)] == [
+                ("pending", "waiting for a Stripe customer")
+            ]
+            status = await load_org_status(pool, nameless.id, f"{hour:%Y-%m}", stripe_configured=True)
+            assert status is not None
+            assert [(r.status, r.reports, r.quantity) for r in status.stripe_reports] == [
+                ("waiting_for_customer", 1, 30)
+            ]
+            # /metrics counts it too (this test's database: this one row, before it is sent).
+            waiting_rows, waiting_units = await _waiting_metrics(settings, pool, client)
+            assert (waiting_rows, waiting_units) == (1, 30)
+
+            # The customer becomes known (the org-billing workflow records it): the row goes out.
+            customer = fake.add_customer()
+            async with pool.connection() as conn:
+                await conn.execute(
+                    "UPDATE organization_billing SET stripe_customer_id = %s WHERE organization_id = %s",
+                    [customer, nameless.id],
+                )
+            later = await report(client, settings, nameless.id, hour=hour - timedelta(hours=1))
+            after_rows, after_units = await _waiting_metrics(settings, pool, client)
+        assert (after_rows, after_units) == (0, 0)
+        assert later.sent == 1
+        assert counted_identifiers(fake) == churned_rows + nameless_rows
+        assert fake.total(customer, "agent_tasks") == 30
 
 
 async def test_without_a_key_rows_stay_pending_then_the_hourly_job_sends_them_once_a_key_is_set(

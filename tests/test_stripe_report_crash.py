@@ -76,17 +76,33 @@ def _hold_meter_event_call(fake: FakeStripe, number: int) -> tuple[threading.Eve
     second event is set; the first is set when it arrives. A held call, not a slow one: the test
     decides when it ends, so no kill has to beat a timer."""
     arrived, release = threading.Event(), threading.Event()
-    dispatch = fake._dispatch
+    handle = fake._handle
     seen = itertools.count(1)
 
     def held(req: Any) -> Any:
         if req.path == "/v1/billing/meter_events" and next(seen) == number:
             arrived.set()
             release.wait(120)
-        return dispatch(req)
+        return handle(req)
 
-    fake._dispatch = held  # type: ignore[method-assign]
+    fake._handle = held  # type: ignore[method-assign]
     return arrived, release
+
+
+async def _statuses(pool: AsyncConnectionPool, org_id: str) -> list[str]:
+    return [row["status"] for row in await outbox(pool, org_id)]
+
+
+async def _counted(fake: FakeStripe) -> int:
+    return len(counted_identifiers(fake))
+
+
+async def _until(read: Any, done: Any, what: str, seconds: float = 60) -> None:
+    """Wait for a condition the product guarantees (bounded; polled, never a fixed sleep)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not done(value := await read()):
+        assert asyncio.get_running_loop().time() < deadline, f"waited {seconds} s for {what}; last {value!r}"
+        await asyncio.sleep(0.05)
 
 
 async def _reconcile_cli(
@@ -111,24 +127,27 @@ async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_an
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
         identifiers = await queue_rows(pool, org.id, [1, 2, 3, 4, 5, 6], hour=hour)
         settings = stripe_settings(database_url, client, fake)
-        # Rows 1 and 2 are counted by Stripe inside the page's open transaction; row 3 is still being
-        # processed by Stripe when the worker dies: its call is held (not timed) until after the kill.
+        # Rows 1 and 2 are counted and recorded, each in its own short transaction; row 3 is inside
+        # Stripe when the worker dies (its call is held, not timed, until after the kill), with rows 4-6
+        # claimed under the same lease.
         arrived, release = _hold_meter_event_call(fake, number=3)
         env = _env(settings, fake)
         try:
             with _worker_process(env) as first:
-                starts = await start_stripe_reports(
-                    client, settings.task_queue, [org.id], hour, tuning=FAST
-                )
+                starts = await start_stripe_reports(client, settings.task_queue, [org.id], hour, tuning=FAST)
                 assert await asyncio.to_thread(arrived.wait, 60), "the third call never reached Stripe"
+                # Row 2's outcome is recorded while call 3 runs: wait for it, then kill.
+                await _until(
+                    lambda: _statuses(pool, org.id), lambda s: s[:2] == ["sent"] * 2, "rows 1-2 recorded"
+                )
                 first.send_signal(signal.SIGKILL)
                 first.wait()
             assert first.returncode == -signal.SIGKILL
-            # The page never committed: every row is pending, though Stripe already counted two of them.
-            assert [r["status"] for r in await outbox(pool, org.id)] == ["pending"] * 6
-            assert counted_identifiers(fake) == identifiers[:2]
+            # What was recorded stays; the rest waits for the dead worker's lease to expire.
+            assert await _statuses(pool, org.id) == ["sent"] * 2 + ["sending"] * 4
         finally:
             release.set()  # Stripe finishes the dead client's call: row 3 is counted once, unanswered
+        await _until(lambda: _counted(fake), lambda n: n == 3, "Stripe to count the held call")
         assert await asyncio.to_thread(fake.wait_idle, 30)
         assert counted_identifiers(fake) == identifiers[:3]
 
@@ -140,9 +159,11 @@ async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_an
         assert counted_identifiers(fake) == identifiers
         assert fake.total(customer, "agent_tasks") == 21
         requests = meter_event_requests(fake)
-        assert [requests.count(i) for i in identifiers] == [2, 2, 2, 1, 1, 1]
+        # Only the row in flight at the kill was sent twice (same identifier, next key): counted once.
+        assert [requests.count(i) for i in identifiers] == [1, 1, 2, 1, 1, 1]
         rows = await outbox(pool, org.id)
         assert [r["status"] for r in rows] == ["sent"] * 6
+        assert [r["stripe_response"].get("deduplicated") for r in rows] == [None, None, True, None, None, None]
         assert result.sent == 6
         assert result.pending == 0
 
@@ -159,6 +180,7 @@ async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_an
             "  skill_blocks                        0              0           +0",
             "  storage_gb_hour                     0              0           +0",
             "all meters match",
+            f"  queued for {month}: sent 21 (6)",
         ]
 
         # An event that bypassed the outbox: Stripe counts 5 more than the ledger sent.
