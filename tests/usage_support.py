@@ -49,12 +49,19 @@ def last_month_day(now: datetime) -> datetime:
 def row(
     project_id: str, tag: str, created_at: datetime, total: int, *, updated_at: datetime | None = None
 ) -> dict[str, Any]:
-    """One counter row as the core service pushes it."""
+    """One counter row as the core service pushes it.
+
+    Without ``updated_at``, the row last grew a little after it was created (more for a larger total),
+    but never after the test's "now": early in a UTC day, today's row cannot have grown an hour ago.
+    """
+    if updated_at is None:
+        grown = created_at + timedelta(seconds=total % 3600 + 1)
+        updated_at = min(grown, max(created_at, utc_now()))
     return {
         "project_id": project_id,
         "tag": tag,
         "created_at": created_at.isoformat(),
-        "updated_at": (updated_at or created_at + timedelta(seconds=total % 3600 + 1)).isoformat(),
+        "updated_at": updated_at.isoformat(),
         "increment": total,
     }
 
