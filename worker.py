@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.notifications import NotificationActivities
 from activities.payments import PaymentActivities
 from activities.resets import ResetActivities
 from activities.stripe_reports import StripeReportActivities
@@ -23,6 +24,7 @@ from billing.config import Settings
 from billing.stripe_client import make_stripe_client
 from workflows.monthly_close import MonthlyCloseWorkflow
 from workflows.monthly_reset import MonthlyResetWorkflow
+from workflows.notify import NotificationDispatchWorkflow, NotifyWorkflow
 from workflows.org_billing import OrgBillingWorkflow
 from workflows.stripe_report import StorageOverageWorkflow, StripeReportWorkflow
 from workflows.usage_sync import PullUsageSyncWorkflow, UsageSyncWorkflow
@@ -35,6 +37,8 @@ WORKFLOWS: Sequence[type] = (
     OrgBillingWorkflow,
     StripeReportWorkflow,
     StorageOverageWorkflow,
+    NotifyWorkflow,
+    NotificationDispatchWorkflow,
 )
 
 
@@ -46,6 +50,7 @@ def activities(
     usage = UsageActivities(settings, pool, client, task_queue)
     payments = PaymentActivities(settings, pool)
     reports = StripeReportActivities(pool, client, task_queue, make_stripe_client(settings))
+    notifications = NotificationActivities(settings, pool, client, task_queue)
     return [
         resets.close_org_month,
         resets.start_monthly_resets,
@@ -64,6 +69,9 @@ def activities(
         reports.queue_storage_overage,
         reports.start_pending_stripe_reports,
         reports.start_stripe_reports,
+        notifications.dispatch_notifications,
+        notifications.deliver_notification,
+        notifications.mark_notification_failed,
     ]
 
 

@@ -13,6 +13,7 @@ from api.auth import require_bearer
 from api.errors import ApiError
 from api.validation import json_body, path_uuid
 from billing.months import current_month, parse_month
+from billing.notifications import org_notifications
 from billing.sql import query
 from billing.status import add_temporal_view, load_org_status
 
@@ -36,10 +37,12 @@ class ProjectBody(BaseModel):
 
 
 class PlanBody(BaseModel):
-    """``PUT /v1/plans/{plan}``: included quantity per meter tag."""
+    """``PUT /v1/plans/{plan}``: included quantity per meter tag, and optionally the notification
+    thresholds (percentages of each included quantity; replaces the plan's set, [] for none)."""
 
     model_config = ConfigDict(extra="forbid")
-    limits: dict[str, int]
+    limits: dict[str, int] = Field(default_factory=dict)
+    thresholds: list[int] | None = Field(default=None, max_length=20)
 
 
 async def _recompute_flags(conn: psycopg.AsyncConnection, org_ids: list[str]) -> None:
@@ -99,16 +102,26 @@ async def put_plan(request: Request) -> JSONResponse:
         negative = sorted(tag for tag, value in body.limits.items() if value < 0)
         if negative:
             raise ApiError(400, f"limit of {negative[0]!r} must not be negative")
-        tags = sorted(body.limits)
-        cursor = await conn.execute(
-            query("set_plan_limits"),
-            {"plan": plan, "tags": tags, "included": [body.limits[tag] for tag in tags]},
-        )
-        row = await cursor.fetchone()
-        assert row is not None
-        if row["org_ids"]:
-            await _recompute_flags(conn, row["org_ids"])
-    return JSONResponse({"plan": plan, "limits": body.limits})
+        bad = sorted(p for p in body.thresholds or [] if not 1 <= p <= 1000)
+        if bad:
+            raise ApiError(400, f"threshold {bad[0]} must be a percentage between 1 and 1000")
+        async with conn.transaction():
+            tags = sorted(body.limits)
+            cursor = await conn.execute(
+                query("set_plan_limits"),
+                {"plan": plan, "tags": tags, "included": [body.limits[tag] for tag in tags]},
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            if body.thresholds is not None:
+                await conn.execute(
+                    query("set_plan_thresholds"), {"plan": plan, "percents": sorted(set(body.thresholds))}
+                )
+            if row["org_ids"]:
+                await _recompute_flags(conn, row["org_ids"])
+        thresholds = await (await conn.execute(query("plan_thresholds"), {"plan": plan})).fetchone()
+    assert thresholds is not None
+    return JSONResponse({"plan": plan, "limits": body.limits, "thresholds": thresholds["percents"]})
 
 
 async def get_org(request: Request) -> JSONResponse:
@@ -126,4 +139,7 @@ async def _org_response(request: Request, org_id: str, *, with_workflows: bool =
         raise ApiError(404, f"organization {org_id} does not exist")
     if with_workflows:
         await add_temporal_view(status, request.app.state.client)
-    return JSONResponse(status.model_dump(mode="json"))
+    answer = status.model_dump(mode="json")
+    # The recent notifications to the product, with their delivery state (`billing notifications`).
+    answer["notifications"] = await org_notifications(request.app.state.pool, org_id, limit=10)
+    return JSONResponse(answer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from functools import cached_property
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -21,6 +23,10 @@ _ENV_NAMES = {
     "stripe_webhook_secret": "STRIPE_WEBHOOK_SECRET",
     "metrics_source_url": "BILLING_METRICS_SOURCE_URL",
     "push_answer_seconds": "BILLING_PUSH_ANSWER_SECONDS",
+    "worker_metrics_addr": "BILLING_WORKER_METRICS_ADDR",
+    "notify_url": "BILLING_NOTIFY_URL",
+    "notify_secret": "BILLING_NOTIFY_SECRET",
+    "notify_retry_seconds": "BILLING_NOTIFY_RETRY_SECONDS",
 }
 
 
@@ -54,9 +60,36 @@ class Settings(BaseSettings):
     metrics_source_url: str | None = Field(None, alias="BILLING_METRICS_SOURCE_URL")
     # How long POST /v1/metrics waits for its batch's workflow before answering 503 (the run goes on).
     push_answer_seconds: float = Field(60.0, alias="BILLING_PUSH_ANSWER_SECONDS", gt=0, le=3600)
+    # Where `billing worker` serves Prometheus text (its own metrics and the Temporal SDK's).
+    worker_metrics_addr: str = Field("127.0.0.1:9464", alias="BILLING_WORKER_METRICS_ADDR")
+    # Usage-threshold and payment notifications: POSTed here, signed by the Standard Webhooks scheme.
+    notify_url: str | None = Field(None, alias="BILLING_NOTIFY_URL")
+    notify_secret: SecretStr | None = Field(None, alias="BILLING_NOTIFY_SECRET")
+    # First retry interval of a refused delivery; it doubles up to 15 minutes, for 72 hours.
+    notify_retry_seconds: float = Field(5.0, alias="BILLING_NOTIFY_RETRY_SECONDS", gt=0, le=3600)
 
     _check_urls = field_validator("database_url", "metrics_source_url")(_postgres_url)
-    _check_addrs = field_validator("temporal_address", "http_addr")(_host_port)
+    _check_addrs = field_validator("temporal_address", "http_addr", "worker_metrics_addr")(_host_port)
+
+    @field_validator("notify_url")
+    @classmethod
+    def _notify_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+    @field_validator("notify_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # The Standard Webhooks secret: base64 bytes, optionally prefixed whsec_ (as its libraries expect).
+        if value is not None:
+            raw = value.get_secret_value().removeprefix("whsec_")
+            try:
+                if len(base64.b64decode(raw, validate=True)) < 16:
+                    raise ValueError
+            except (ValueError, binascii.Error):
+                raise ValueError("expected whsec_ followed by at least 16 base64-encoded bytes") from None
+        return value
 
     @field_validator("stripe_api_base")
     @classmethod

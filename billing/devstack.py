@@ -154,7 +154,7 @@ async def run_dev(
         )
         await _wait_for_temporal(dev_settings)
         report = await asyncio.to_thread(migrate, database_url)
-        async with open_services(dev_settings, pool_size=20) as services:
+        async with open_services(dev_settings, pool_size=20, worker_metrics=True) as services:
             await register_search_attributes(services.client, dev_settings.temporal_namespace)
             ui = (
                 f"http://127.0.0.1:{ui_port}"
