@@ -10,7 +10,7 @@ from billing.metrics import read_overview
 
 
 def _age(seconds: float | None) -> str:
-    if not seconds:
+    if seconds is None:
         return "none"
     minutes = int(seconds // 60)
     if minutes < 120:

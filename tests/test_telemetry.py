@@ -264,3 +264,4 @@ async def test_billing_overview_counts_exactly(postgres_admin_url: str) -> None:
     assert "stripe outbox: pending 2, sent 1; oldest pending: 2 h" in lines
     assert "monthly resets 2031-03: 1 done, 1 missing" in lines
     assert "stripe webhooks not applied yet: 1 (oldest: 5 min)" in lines
+    assert "notifications: recorded 2; oldest undelivered: 0 min" in lines
