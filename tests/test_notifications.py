@@ -23,6 +23,7 @@ from temporalio.client import Client
 from api.app import create_app
 from billing.clock import utcnow
 from billing.config import Settings
+from billing.models_notify import DeliveryResult, NotifyInput
 from billing.notifications import Dispatcher, body_of, signed_headers
 from billing.scratch import VENV_BIN
 from tests.conftest import API_TOKEN, make_settings, running_worker
@@ -247,7 +248,7 @@ async def test_thresholds_are_set_per_plan_and_the_org_shows_its_notifications(
             answer = await http.put("/v1/plans/team", json={"thresholds": [90, 50, 50]})
             assert answer.status_code == 200
             assert answer.json() == {"plan": "team", "limits": {}, "thresholds": [50, 90]}
-            await push(http, [row(org.project_ids[0], TAG, today, 130_000)])  # 52 % of 250,000
+            await push(http, [row(org.project_ids[0], TAG, today, 160_000)])  # 64 % of 250,000 (53 % of 300,000)
         finally:
             restored = await http.put("/v1/plans/team", json={"thresholds": [80, 100]})
             assert restored.json()["thresholds"] == [80, 100]
@@ -258,9 +259,44 @@ async def test_thresholds_are_set_per_plan_and_the_org_shows_its_notifications(
         ("plan.changed", "team", None),
         ("usage.threshold_crossed", None, 50),
     ]
-    assert (notes[1]["payload"]["meter"], notes[1]["payload"]["usage"]) == (TAG, 130_000)
+    assert (notes[1]["payload"]["meter"], notes[1]["payload"]["usage"]) == (TAG, 160_000)
     shown = status.json()["notifications"]
     assert [(n["kind"], n["state"]) for n in shown] == [
         ("usage.threshold_crossed", "not_configured"),
         ("plan.changed", "recorded"),
     ]
+
+
+async def test_a_receiver_that_never_accepts_is_given_up_on_and_recorded_failed(
+    database_url: str, pool: AsyncConnectionPool, client: Client
+) -> None:
+    org = await make_org(pool)
+    async with pool.connection() as conn:
+        note = await (
+            await conn.execute(
+                "INSERT INTO notifications (organization_id, kind, dedup_key, payload)"
+                " VALUES (%s, 'plan.changed', %s, %s) RETURNING id",
+                [org.id, f"test/{org.id}", json.dumps({"org_id": org.id, "from": "free", "to": "pro"})],
+            )
+        ).fetchone()
+    assert note is not None
+    with Receiver(refuse_first=1_000) as receiver:
+        settings = make_settings(
+            database_url, client, BILLING_NOTIFY_URL=receiver.url, BILLING_NOTIFY_SECRET=SECRET
+        )
+        async with running_worker(settings, pool, client):
+            result = await client.execute_workflow(
+                "NotifyWorkflow",
+                NotifyInput(
+                    notification_id=note["id"], first_retry_seconds=0.2, give_up_after_hours=3 / 3600
+                ),
+                id=f"notify/{note['id']}",
+                task_queue=settings.task_queue,
+                result_type=DeliveryResult,
+            )
+    assert result.outcome == "failed"
+    [stored] = await _notes(pool, org.id)
+    assert stored["state"] == "failed"
+    assert stored["attempts"] == len(receiver.requests) >= 2
+    assert stored["last_error"] == "receiver answered 503"
+    assert len({r.headers["webhook-id"] for r in receiver.requests}) == 1

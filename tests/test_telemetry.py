@@ -31,6 +31,7 @@ from billing.metrics import (
 )
 from billing.models_notify import DispatchInput, DispatchResult
 from billing.scratch import VENV_BIN, fresh_database
+from billing.temporal import scheduled_jobs
 from tests.conftest import make_settings
 from worker import build_worker
 
@@ -185,6 +186,10 @@ async def test_billing_worker_serves_metrics_on_its_address(database_url: str, c
     finally:
         process.send_signal(signal.SIGINT)
         await asyncio.wait_for(process.communicate(), 60)
+        # The worker put the schedules on the session's server for its task queue: take them away.
+        for job in scheduled_jobs():
+            with contextlib.suppress(Exception):
+                await client.get_schedule_handle(job.schedule_id).delete()
     assert process.returncode == 0
 
 

@@ -1,4 +1,4 @@
--- The delivery window passed without a 2xx: given up (an operator can see it and the reason).
+-- The delivery window passed without a 2xx: given up. The last answer stays the reason shown.
 UPDATE notifications
-SET state = 'failed', last_error = coalesce(%(error)s, last_error)
+SET state = 'failed', last_error = coalesce(last_error, %(error)s)
 WHERE id = %(id)s AND state <> 'delivered'
