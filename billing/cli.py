@@ -546,7 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--json", action="store_true", help="print JSON")
 
     overview = add(
-        "overview", cmd_overview, "orgs blocked/past due, Stripe outbox, resets, webhook and notification backlogs"
+        "overview",
+        cmd_overview,
+        "orgs blocked/past due, Stripe outbox, resets, webhook and notification backlogs",
     )
     overview.add_argument("--json", action="store_true", help="print JSON")
 

@@ -42,7 +42,9 @@ PAYMENT_STATUS = SearchAttributeKey.for_keyword("PaymentStatus")
 SEARCH_ATTRIBUTES = (ORG_ID, MONTH, PAYMENT_STATUS)
 
 
-async def connect(settings: Settings, *, wait_seconds: float = 10.0, runtime: Runtime | None = None) -> Client:
+async def connect(
+    settings: Settings, *, wait_seconds: float = 10.0, runtime: Runtime | None = None
+) -> Client:
     """A client with the pydantic data converter; ConfigError naming TEMPORAL_ADDRESS if unreachable.
 
     It carries the OpenTelemetry tracing interceptor (so do the workers built from it); ``runtime``
