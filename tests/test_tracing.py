@@ -5,6 +5,9 @@ Tested with an in-memory exporter on a tracer provider swapped in for the test (
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -125,3 +128,16 @@ def test_otlp_export_follows_the_standard_variables() -> None:
     assert not otlp_requested(
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}
     )
+
+
+def test_with_an_otlp_endpoint_set_a_process_exports_spans_with_otlp() -> None:
+    # In a process of its own: configuring tracing changes process-wide providers and instrumentation.
+    probe = (
+        "from billing.tracing import configure_tracing; configure_tracing()\n"
+        "from billing.telemetry import tracer_provider\n"
+        "print(sorted(type(p.span_exporter).__name__ for p in tracer_provider()._active_span_processor._span_processors))\n"
+    )
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['OTLPSpanExporter']"
