@@ -98,7 +98,9 @@ async def test_each_crossing_is_notified_once_under_racing_pushes_and_delivered_
 ) -> None:
     org = await make_org(pool, plan="free", projects=3)
     a, b, c = org.project_ids
-    today = day_start(utc_now())
+    # Rows stamped now: a default updated_at after created_at could lie in the future early in a day.
+    now = utc_now()
+    today = day_start(now)
     with Receiver(refuse_first=2) as receiver:
         settings = make_settings(
             database_url,
@@ -108,13 +110,13 @@ async def test_each_crossing_is_notified_once_under_racing_pushes_and_delivered_
             BILLING_NOTIFY_RETRY_SECONDS="0.2",
         )
         async with _api(settings, pool, client) as http:
-            await push(http, [row(a, TAG, today, 700)])  # 70 % of 1,000: no threshold reached
+            await push(http, [row(a, TAG, today, 700, updated_at=now)])  # 70 % of 1,000: no threshold reached
             assert await _notes(pool, org.id) == []
 
             # Two batches that each reach 80 %, forced to race: a second connection holds the org's
             # usage row until both applies wait for it.
-            first = [row(b, TAG, today, 200)]
-            second = [row(c, TAG, today, 200)]
+            first = [row(b, TAG, today, 200, updated_at=now)]
+            second = [row(c, TAG, today, 200, updated_at=now)]
             async with await psycopg.AsyncConnection.connect(database_url) as holder:
                 async with holder.transaction():
                     await holder.execute(
@@ -127,7 +129,11 @@ async def test_each_crossing_is_notified_once_under_racing_pushes_and_delivered_
                     await _wait_for_lock_waiters(pool, 2)
             answers = await asyncio.gather(*racing)
             assert [answer.status_code for answer in answers] == [200, 200]
-            for rows in (first, second, [row(a, TAG, today, 700)]):  # pushed again: nothing new
+            for rows in (
+                first,
+                second,
+                [row(a, TAG, today, 700, updated_at=now)],
+            ):  # pushed again: nothing new
                 await push(http, rows)
 
             deadline = time.monotonic() + 60
@@ -238,7 +244,9 @@ async def test_thresholds_are_set_per_plan_and_the_org_shows_its_notifications(
 ) -> None:
     org = await make_org(pool, plan="team")
     settings = make_settings(database_url, client)
-    today = day_start(utc_now())
+    # Rows stamped now: a default updated_at after created_at could lie in the future early in a day.
+    now = utc_now()
+    today = day_start(now)
     async with _api(settings, pool, client) as http:
         try:
             bad = await http.put("/v1/plans/team", json={"thresholds": [0]})
@@ -249,7 +257,7 @@ async def test_thresholds_are_set_per_plan_and_the_org_shows_its_notifications(
             assert answer.status_code == 200
             assert answer.json() == {"plan": "team", "limits": {}, "thresholds": [50, 90]}
             # 64 % of 250,000 (53 % of 300,000, the limit another test may have set): 50 % only.
-            await push(http, [row(org.project_ids[0], TAG, today, 160_000)])
+            await push(http, [row(org.project_ids[0], TAG, today, 160_000, updated_at=now)])
         finally:
             restored = await http.put("/v1/plans/team", json={"thresholds": [80, 100]})
             assert restored.json()["thresholds"] == [80, 100]
