@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.worker import Interceptor, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.notifications import NotificationActivities
 from activities.payments import PaymentActivities
 from activities.resets import ResetActivities
 from activities.retention import RetentionActivities
@@ -24,6 +25,7 @@ from billing.config import Settings
 from billing.stripe_client import make_stripe_client
 from workflows.monthly_close import MonthlyCloseWorkflow
 from workflows.monthly_reset import MonthlyResetWorkflow
+from workflows.notify import NotificationDispatchWorkflow, NotifyWorkflow
 from workflows.org_billing import OrgBillingWorkflow
 from workflows.retention import RetentionWorkflow
 from workflows.stripe_report import StorageOverageWorkflow, StripeReportWorkflow
@@ -37,6 +39,8 @@ WORKFLOWS: Sequence[type] = (
     OrgBillingWorkflow,
     StripeReportWorkflow,
     StorageOverageWorkflow,
+    NotifyWorkflow,
+    NotificationDispatchWorkflow,
     RetentionWorkflow,
 )
 
@@ -56,6 +60,7 @@ def activities(
         horizon=settings.report_horizon,
         grace=settings.finalization_grace,
     )
+    notifications = NotificationActivities(settings, pool, client, task_queue)
     return [
         resets.close_org_month,
         resets.start_monthly_resets,
@@ -75,6 +80,9 @@ def activities(
         reports.start_pending_stripe_reports,
         reports.start_stripe_reports,
         RetentionActivities(settings, pool).purge_expired,
+        notifications.dispatch_notifications,
+        notifications.deliver_notification,
+        notifications.mark_notification_failed,
     ]
 
 

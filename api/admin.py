@@ -14,6 +14,7 @@ from api.errors import ApiError
 from api.validation import json_body, path_uuid
 from billing.models import MAX_BIGINT, MAX_ID_LENGTH, Name, Tag
 from billing.months import current_month, parse_month
+from billing.notifications import org_notifications
 from billing.sql import query
 from billing.status import add_temporal_view, load_org_status
 
@@ -21,6 +22,8 @@ PlanName = Literal["free", "pro", "team"]
 # A JSON integer only (no booleans, strings or floats) within bigint; a negative one is refused below
 # with its own message.
 Limit = Annotated[int, Field(strict=True, ge=-MAX_BIGINT - 1, le=MAX_BIGINT)]
+# A JSON integer only; its range (1 to 1000 percent) is checked by put_plan with a message of its own.
+StrictPercent = Annotated[int, Field(strict=True)]
 
 
 class OrgBody(BaseModel):
@@ -42,12 +45,15 @@ class ProjectBody(BaseModel):
 
 
 class PlanBody(BaseModel):
-    """``PUT /v1/plans/{plan}``: included quantity per meter tag."""
+    """``PUT /v1/plans/{plan}``: included quantity per meter tag, and optionally the notification
+    thresholds (percentages of each included quantity; replaces the plan's set, [] for none)."""
 
     model_config = ConfigDict(extra="forbid")
     # JSON integers only, at most 2^63-1 (the bigint column; negatives refused in put_plan); at most
     # one entry per meter and then some.
-    limits: dict[Tag, Limit] = Field(max_length=64)
+    limits: dict[Tag, Limit] = Field(default_factory=dict, max_length=64)
+    # Percentages of each included quantity at which the product is told (default 80 and 100).
+    thresholds: list[StrictPercent] | None = Field(default=None, max_length=20)
 
 
 class ProjectAnswer(BaseModel):
@@ -59,10 +65,11 @@ class ProjectAnswer(BaseModel):
 
 
 class PlanAnswer(BaseModel):
-    """``PUT /v1/plans/{plan}``: the limits just set."""
+    """``PUT /v1/plans/{plan}``: the limits just set, and the plan's notification thresholds."""
 
     plan: PlanName
     limits: dict[str, int]
+    thresholds: list[int]
 
 
 async def _recompute_flags(conn: psycopg.AsyncConnection, org_ids: list[str]) -> None:
@@ -122,16 +129,27 @@ async def put_plan(request: Request) -> JSONResponse:
         negative = sorted(tag for tag, value in body.limits.items() if value < 0)
         if negative:
             raise ApiError(400, f"limit of {negative[0]!r} must not be negative")
-        tags = sorted(body.limits)
-        cursor = await conn.execute(
-            query("set_plan_limits"),
-            {"plan": plan, "tags": tags, "included": [body.limits[tag] for tag in tags]},
-        )
-        row = await cursor.fetchone()
-        assert row is not None
-        if row["org_ids"]:
-            await _recompute_flags(conn, row["org_ids"])
-    return JSONResponse(PlanAnswer(plan=plan, limits=body.limits).model_dump(mode="json"))
+        bad = sorted(p for p in body.thresholds or [] if not 1 <= p <= 1000)
+        if bad:
+            raise ApiError(400, f"threshold {bad[0]} must be a percentage between 1 and 1000")
+        async with conn.transaction():
+            tags = sorted(body.limits)
+            cursor = await conn.execute(
+                query("set_plan_limits"),
+                {"plan": plan, "tags": tags, "included": [body.limits[tag] for tag in tags]},
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            if body.thresholds is not None:
+                await conn.execute(
+                    query("set_plan_thresholds"), {"plan": plan, "percents": sorted(set(body.thresholds))}
+                )
+            if row["org_ids"]:
+                await _recompute_flags(conn, row["org_ids"])
+        thresholds = await (await conn.execute(query("plan_thresholds"), {"plan": plan})).fetchone()
+    assert thresholds is not None
+    answer = PlanAnswer(plan=plan, limits=body.limits, thresholds=thresholds["percents"])
+    return JSONResponse(answer.model_dump(mode="json"))
 
 
 async def get_plan(request: Request) -> JSONResponse:
@@ -160,4 +178,7 @@ async def _org_response(request: Request, org_id: str, *, with_workflows: bool =
         raise ApiError(404, f"organization {org_id} does not exist")
     if with_workflows:
         await add_temporal_view(status, request.app.state.client)
-    return JSONResponse(status.model_dump(mode="json"))
+    answer = status.model_dump(mode="json")
+    # The recent notifications to the product, with their delivery state (`billing notifications`).
+    answer["notifications"] = await org_notifications(request.app.state.pool, org_id, limit=10)
+    return JSONResponse(answer)

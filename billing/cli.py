@@ -83,7 +83,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run a worker until Ctrl-C."""
     from billing.services import open_services, serve_until_stopped, stop_event
 
-    async with open_services(settings, pool_size=20) as services:
+    async with open_services(settings, pool_size=20, worker_metrics=True) as services:
         print(f"worker on task queue {settings.task_queue!r} at {settings.temporal_address}", flush=True)
         await serve_until_stopped(services, run_worker=True, run_api=False, stop=stop_event())
     return 0
@@ -573,6 +573,46 @@ async def cmd_system(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _limit(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 1000, got {value!r}")
+    return int(value)
+
+
+async def cmd_overview(args: argparse.Namespace, settings: Settings) -> int:
+    """Orgs blocked and past due, the outbox, this month's resets, webhook and notification backlogs."""
+    from billing.db import open_pool
+    from billing.overview import load_overview, overview_text
+
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
+        view = await load_overview(pool)
+    finally:
+        await pool.close()
+    _print(view, args.json, overview_text(view))
+    return 0
+
+
+async def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
+    """An org's notifications to the product, newest first, with their delivery state."""
+    from billing.db import open_pool
+    from billing.notifications import delivery_configured, org_notifications
+    from billing.overview import notifications_text
+    from billing.sql import query
+
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
+        async with pool.connection() as conn:
+            exists = await (await conn.execute(query("org_exists"), {"org_id": args.org_id})).fetchone()
+        if not exists or not exists["found"]:
+            raise UserError(f"organization {args.org_id} does not exist")
+        rows = await org_notifications(pool, args.org_id, args.limit)
+    finally:
+        await pool.close()
+    _print(rows, args.json, notifications_text(args.org_id, rows, delivery_configured(settings)))
+    return 0
+
+
 async def cmd_report_act(args: argparse.Namespace, settings: Settings) -> int:
     """Void, mark sent or send again named Stripe report rows of an org (recorded: who, when, why)."""
     from billing.db import open_pool
@@ -701,6 +741,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     system = add("system", cmd_system, "show what retention keeps: staged batches, webhook events, sizes")
     system.add_argument("--json", action="store_true", help="print JSON")
+
+    overview = add(
+        "overview",
+        cmd_overview,
+        "orgs blocked/past due, Stripe outbox, resets, webhook and notification backlogs",
+    )
+    overview.add_argument("--json", action="store_true", help="print JSON")
+
+    notifications = add("notifications", cmd_notifications, "list an org's notifications and their delivery")
+    notifications.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+    notifications.add_argument("--limit", type=_limit, default=50, help="how many, newest first (default 50)")
+    notifications.add_argument("--json", action="store_true", help="print JSON")
 
     pending = add(
         "report-pending", cmd_report_pending, "start Stripe reports now for orgs with pending reports"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from datetime import timedelta
 from functools import cached_property
 
@@ -25,6 +27,10 @@ _ENV_NAMES = {
     "retention": "BILLING_RETENTION",
     "report_horizon": "BILLING_REPORT_HORIZON",
     "finalization_grace": "BILLING_STRIPE_FINALIZATION_GRACE",
+    "worker_metrics_addr": "BILLING_WORKER_METRICS_ADDR",
+    "notify_url": "BILLING_NOTIFY_URL",
+    "notify_secret": "BILLING_NOTIFY_SECRET",
+    "notify_retry_seconds": "BILLING_NOTIFY_RETRY_SECONDS",
 }
 
 # BILLING_RETENTION may not go below a week: Stripe redelivers an event for up to 3 days, and a
@@ -81,9 +87,36 @@ class Settings(BaseSettings):
     report_horizon: timedelta = Field(timedelta(hours=20), alias="BILLING_REPORT_HORIZON")
     # How long after a month ends Stripe may still invoice usage stamped inside it (Stripe's default).
     finalization_grace: timedelta = Field(timedelta(hours=1), alias="BILLING_STRIPE_FINALIZATION_GRACE")
+    # Where `billing worker` serves Prometheus text (its own metrics and the Temporal SDK's).
+    worker_metrics_addr: str = Field("127.0.0.1:9464", alias="BILLING_WORKER_METRICS_ADDR")
+    # Usage-threshold and payment notifications: POSTed here, signed by the Standard Webhooks scheme.
+    notify_url: str | None = Field(None, alias="BILLING_NOTIFY_URL")
+    notify_secret: SecretStr | None = Field(None, alias="BILLING_NOTIFY_SECRET")
+    # First retry interval of a refused delivery; it doubles up to 15 minutes, for 72 hours.
+    notify_retry_seconds: float = Field(5.0, alias="BILLING_NOTIFY_RETRY_SECONDS", gt=0, le=3600)
 
     _check_urls = field_validator("database_url", "metrics_source_url")(_postgres_url)
-    _check_addrs = field_validator("temporal_address", "http_addr")(_host_port)
+    _check_addrs = field_validator("temporal_address", "http_addr", "worker_metrics_addr")(_host_port)
+
+    @field_validator("notify_url")
+    @classmethod
+    def _notify_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+    @field_validator("notify_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # The Standard Webhooks secret: base64 bytes, optionally prefixed whsec_ (as its libraries expect).
+        if value is not None:
+            raw = value.get_secret_value().removeprefix("whsec_")
+            try:
+                if len(base64.b64decode(raw, validate=True)) < 16:
+                    raise ValueError
+            except (ValueError, binascii.Error):
+                raise ValueError("expected whsec_ followed by at least 16 base64-encoded bytes") from None
+        return value
 
     @field_validator("report_horizon", "finalization_grace", mode="before")
     @classmethod

@@ -304,7 +304,7 @@ async def _start_and_serve(
         raise _Stopped
     async with contextlib.AsyncExitStack() as services_stack:
         services = await _unless_stopped(
-            services_stack.enter_async_context(open_services(dev_settings, pool_size=20)), stop
+            services_stack.enter_async_context(open_services(dev_settings, pool_size=20, worker_metrics=True)), stop
         )
         await _unless_stopped(
             register_search_attributes(services.client, dev_settings.temporal_namespace), stop

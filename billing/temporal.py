@@ -28,6 +28,7 @@ from temporalio.common import (
 )
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.runtime import Runtime
 
 from billing.config import Settings
 from billing.errors import ConfigError
@@ -41,14 +42,24 @@ PAYMENT_STATUS = SearchAttributeKey.for_keyword("PaymentStatus")
 SEARCH_ATTRIBUTES = (ORG_ID, MONTH, PAYMENT_STATUS)
 
 
-async def connect(settings: Settings, *, wait_seconds: float = 10.0) -> Client:
-    """A client with the pydantic data converter; ConfigError naming TEMPORAL_ADDRESS if unreachable."""
+async def connect(
+    settings: Settings, *, wait_seconds: float = 10.0, runtime: Runtime | None = None
+) -> Client:
+    """A client with the pydantic data converter; ConfigError naming TEMPORAL_ADDRESS if unreachable.
+
+    It carries the OpenTelemetry tracing interceptor (so do the workers built from it); ``runtime``
+    is a Temporal runtime of its own, e.g. one that serves the SDK's metrics (billing.metrics).
+    """
+    from billing.tracing import tracing_interceptor
+
     try:
         return await asyncio.wait_for(
             Client.connect(
                 settings.temporal_address,
                 namespace=settings.temporal_namespace,
                 data_converter=pydantic_data_converter,
+                interceptors=[tracing_interceptor()],
+                runtime=runtime,
             ),
             wait_seconds,
         )
@@ -95,6 +106,7 @@ class ScheduledJob:
 
 def scheduled_jobs() -> list[ScheduledJob]:
     """The contract's schedules. Temporal appends the fire time to each workflow ID."""
+    from billing.models_notify import DispatchInput
     from billing.models_stripe import StorageOverageInput
     from billing.models_sync import PullSyncInput
 
@@ -130,6 +142,14 @@ def scheduled_jobs() -> list[ScheduledJob]:
             "40 3 * * *",
             RetentionInput(),
             "Purge staged batches and processed webhook events older than BILLING_RETENTION",
+        ),
+        ScheduledJob(
+            "notifications-dispatch",
+            "NotificationDispatchWorkflow",
+            "notifications-dispatch",
+            "* * * * *",
+            DispatchInput(),
+            "Start notify/{id} for notifications recorded without a delivery workflow yet",
         ),
     ]
 

@@ -107,7 +107,13 @@ async def test_billing_dev_runs_everything_and_ctrl_c_stops_it_all(tmp_path: Pat
         assert ui.status_code == 200
         client = await Client.connect(f"127.0.0.1:{temporal_port}")
         schedules = sorted([entry.id async for entry in await client.list_schedules()])
-        assert schedules == ["monthly-close", "retention-daily", "storage-overage-hourly", "usage-sync-hourly"]
+        assert schedules == [
+            "monthly-close",
+            "notifications-dispatch",
+            "retention-daily",
+            "storage-overage-hourly",
+            "usage-sync-hourly",
+        ]
         postgres_pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
         started_here = set(_temporal_children(process.pid))
         assert len(started_here) == 1
