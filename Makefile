@@ -9,14 +9,20 @@ STAMP  := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
-# Reinstall when the dependency pins change.
+# Reinstall when the dependency pins change. pip's and setuptools' chatter (the editable-install
+# banner among it) goes to $(VENV)/install.log; on failure that log is shown, so errors stay visible.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@echo "installing into $(VENV) (log: $(VENV)/install.log)"
+	@$(BIN)/pip install --quiet --upgrade pip > $(VENV)/install.log 2>&1 \
+	  && $(BIN)/pip install --quiet -e '.[test]' >> $(VENV)/install.log 2>&1 \
+	  || { cat $(VENV)/install.log >&2; echo "install failed (log: $(VENV)/install.log)" >&2; exit 1; }
+	@touch $(STAMP)
 
+# --exit-with-parent: if make goes away (killed, or SIGINT sent to make alone), billing dev stops too.
+# DEV_ARGS: more `billing dev` options (--data-dir, --temporal-port, --ui-port).
+DEV_ARGS ?=
 dev: $(STAMP)
-	$(BIN)/billing dev
+	$(BIN)/billing dev --exit-with-parent $(DEV_ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

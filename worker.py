@@ -12,18 +12,22 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.notifications import NotificationActivities
 from activities.payments import PaymentActivities
 from activities.resets import ResetActivities
+from activities.retention import RetentionActivities
 from activities.stripe_reports import StripeReportActivities
 from activities.usage import UsageActivities
 from billing.config import Settings
 from billing.stripe_client import make_stripe_client
 from workflows.monthly_close import MonthlyCloseWorkflow
 from workflows.monthly_reset import MonthlyResetWorkflow
+from workflows.notify import NotificationDispatchWorkflow, NotifyWorkflow
 from workflows.org_billing import OrgBillingWorkflow
+from workflows.retention import RetentionWorkflow
 from workflows.stripe_report import StorageOverageWorkflow, StripeReportWorkflow
 from workflows.usage_sync import PullUsageSyncWorkflow, UsageSyncWorkflow
 
@@ -35,6 +39,9 @@ WORKFLOWS: Sequence[type] = (
     OrgBillingWorkflow,
     StripeReportWorkflow,
     StorageOverageWorkflow,
+    NotifyWorkflow,
+    NotificationDispatchWorkflow,
+    RetentionWorkflow,
 )
 
 
@@ -45,7 +52,15 @@ def activities(
     resets = ResetActivities(pool, client, task_queue)
     usage = UsageActivities(settings, pool, client, task_queue)
     payments = PaymentActivities(settings, pool)
-    reports = StripeReportActivities(pool, client, task_queue, make_stripe_client(settings))
+    reports = StripeReportActivities(
+        pool,
+        client,
+        task_queue,
+        make_stripe_client(settings),
+        horizon=settings.report_horizon,
+        grace=settings.finalization_grace,
+    )
+    notifications = NotificationActivities(settings, pool, client, task_queue)
     return [
         resets.close_org_month,
         resets.start_monthly_resets,
@@ -64,6 +79,10 @@ def activities(
         reports.queue_storage_overage,
         reports.start_pending_stripe_reports,
         reports.start_stripe_reports,
+        RetentionActivities(settings, pool).purge_expired,
+        notifications.dispatch_notifications,
+        notifications.deliver_notification,
+        notifications.mark_notification_failed,
     ]
 
 
@@ -74,9 +93,17 @@ _PASSED_THROUGH = ("pydantic", "pydantic_core", "annotated_types", "billing", "w
 
 
 def build_worker(
-    settings: Settings, pool: AsyncConnectionPool, client: Client, *, task_queue: str | None = None
+    settings: Settings,
+    pool: AsyncConnectionPool,
+    client: Client,
+    *,
+    task_queue: str | None = None,
+    interceptors: Sequence[Interceptor] = (),
 ) -> Worker:
-    """A worker for ``task_queue`` (default BILLING_TASK_QUEUE) running every workflow and activity."""
+    """A worker for ``task_queue`` (default BILLING_TASK_QUEUE) running every workflow and activity.
+
+    ``interceptors`` is a hook for tests (the suite's injected activity delay); production passes none.
+    """
     queue = task_queue or settings.task_queue
     return Worker(
         client,
@@ -84,6 +111,7 @@ def build_worker(
         workflows=list(WORKFLOWS),
         activities=activities(settings, pool, client, queue),
         max_concurrent_activities=50,
+        interceptors=list(interceptors),
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*_PASSED_THROUGH)
         ),

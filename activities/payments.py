@@ -81,16 +81,18 @@ class PaymentActivities:
             subscription_id=row["stripe_subscription_id"],
             payment_status=row["payment_status"],
             payment_status_reason=row["payment_status_reason"],
+            stripe_customer_id=row["stripe_customer_id"],
         )
 
     @activity.defn(name="sync_org_billing")
     async def sync_org_billing(self, request: SyncOrgBillingInput) -> SyncOrgBillingResult:
-        """Write the org's billing row and (if asked) recompute its quota flags, in one transaction.
+        """Write the org's billing row and (if asked) recompute its quota flags, in one transaction;
+        record a Stripe customer learned from an event when the org has none.
 
         The whole view is written, so running it twice changes nothing more than running it once.
         """
         period_end = datetime.fromtimestamp(request.period_end, UTC) if request.period_end else None
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
                 query("sync_org_billing"),
                 {
@@ -107,6 +109,13 @@ class PaymentActivities:
                 },
             )
             row = await cursor.fetchone()
+            if request.stripe_customer_id is not None:
+                # After sync_org_billing, which created the row if missing (lock order: organizations,
+                # then organization_billing).
+                await conn.execute(
+                    query("record_org_customer"),
+                    {"org_id": request.org_id, "customer_id": request.stripe_customer_id},
+                )
         assert row is not None
         return SyncOrgBillingResult(flags=row["flags"])
 

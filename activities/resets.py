@@ -9,6 +9,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client
 
+from billing.metrics import MONTHLY_RESETS
 from billing.models import MonthlyResetInput, MonthlyResetResult, StartResetsInput, StartResetsResult
 from billing.models_sync import input_error
 from billing.months import month_key, parse_month, previous_month
@@ -42,11 +43,13 @@ class ResetActivities:
                 )
                 row = await cursor.fetchone()
         except (ValueError, psycopg.errors.DataError) as exc:
+            MONTHLY_RESETS.labels("refused").inc()
             # A month that has not begun (SQLSTATE 22023) or a malformed one: no retry can fix it.
             raise input_error(
                 f"monthly reset of org {request.org_id} for {request.month} refused: {exc}"
             ) from None
         assert row is not None
+        MONTHLY_RESETS.labels("closed" if row["claimed"] else "already_done").inc()
         return MonthlyResetResult(
             org_id=request.org_id,
             month=request.month,

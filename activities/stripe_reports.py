@@ -1,23 +1,27 @@
 """Activities of Stripe reporting: drain the outbox into meter events, queue storage overage, start reports.
 
-Exactly-once, step by step (``send_stripe_reports``), all in ONE PostgreSQL transaction:
+Exactly-once, step by step (``send_stripe_reports``): claim, call, record.
 
-1. take the org's advisory lock (a second report of the same org waits here), so a row is never sent by
-   two workflows at once and rows go out oldest first;
-2. lock the org's oldest pending rows (``FOR NO KEY UPDATE``);
-3. send each as one meter event carrying the row's deterministic ``identifier`` and an
-   ``Idempotency-Key`` derived from it;
-4. record every outcome and commit.
+1. **Claim** (one short transaction): take the org's advisory lock; rows first attempted longer than
+   BILLING_REPORT_HORIZON ago and still unsettled become ``uncertain`` (never resent automatically:
+   Stripe keeps an identifier for 24 hours only); if another attempt holds a live lease on a row of the
+   org, claim nothing (one sender per org, oldest first) and retry later; an org without a Stripe
+   customer keeps its rows ``pending`` "waiting for a Stripe customer"; otherwise mark the org's oldest
+   rows ``sending`` with this attempt's id and a lease, and decide each row's timestamp (the timestamp
+   rule, see sql/0008).
+2. **Call** Stripe for each row, holding no transaction and no pool connection, with the row's fixed
+   ``identifier`` and an ``Idempotency-Key`` of the row's current key generation.
+3. **Record** each outcome in its own short transaction as soon as it is known (which also renews the
+   lease of the attempt's other rows). A worker that dies leaves a lease that expires; the row is then
+   claimed again, with the same identifier and a new key generation.
 
-If the worker dies between a Stripe call and the commit, the transaction rolls back and the rows are
-pending again; the retry sends them with the same identifier and key, and Stripe either replays its first
-answer (same key) or answers "an event already exists with identifier ..." (counted as sent). Either way
-Stripe counted the row once.
-
-Retryable Stripe errors (429, 5xx, 409, timeouts, dropped connections, and 401/403, which are a key
-problem, not a row problem) first commit the rows already sent in the page, then raise, so Temporal's
-retry policy backs off and resumes at the row that failed. Any other 4xx marks that row ``failed`` with
-Stripe's message and the page goes on.
+Outcomes: success or "an event already exists with identifier" -> ``sent``. A 5xx or no answer ->
+``pending`` again with a new key generation (Stripe stores a 500 under its key and would replay it
+forever). 429, 409, 401, 403 -> ``pending`` (not stored by Stripe, same key). A configuration refusal
+(no such or inactive meter, unknown event name, customer mapping) -> ``pending`` with an alert-level
+log and metric, new key generation. In these cases the attempt's other claimed rows are given back and
+the activity raises, so Temporal backs off. Any other refusal is the row's own fault: ``failed`` with
+Stripe's message; an operator may send it again (``billing report resend``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import stripe
@@ -38,6 +43,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
 from billing import reporting
+from billing.clock import utcnow
 from billing.hours import parse_hour
 from billing.models_stripe import (
     QueueStorageOverageInput,
@@ -49,21 +55,49 @@ from billing.models_stripe import (
     StartStripeReportsInput,
 )
 from billing.sql import query
-from billing.telemetry import STRIPE_REPORTS
+from billing.telemetry import (
+    STRIPE_CONFIG_REFUSALS,
+    STRIPE_REPORT_FAILURES,
+    STRIPE_REPORTS,
+)
 
-# A session left idle in its transaction this long belonged to a worker that vanished without its TCP
-# connection closing; ending it releases the org's lock. Far above one Stripe call's timeout.
-_IDLE_IN_TRANSACTION_TIMEOUT = "120s"
+# A claim is one short transaction; a session left idle inside one belonged to a vanished worker.
+_IDLE_IN_TRANSACTION_TIMEOUT = "60s"
 # Stripe's answer to a repeated identifier: the event was counted by an earlier attempt.
 _ALREADY_EXISTS = "resource_already_exists"
-# Statuses that are not the row's fault: retry the call later, the row stays pending.
+# Statuses refused in front of Stripe's API (not stored under the key): retry later with the same key.
 _RETRYABLE_STATUSES = frozenset({401, 403, 409, 429})
+_WAITING_FOR_CUSTOMER = "waiting for a Stripe customer"
 
 
-def idempotency_key(identifier: str) -> str:
-    """The ``Idempotency-Key`` of a row's meter event: derived from its identifier, so every retry of the
-    same row (Temporal's, an operator's, a second worker's) carries the same key."""
-    return f"billing-meter-event:{identifier}"
+def idempotency_key(identifier: str, generation: int = 0) -> str:
+    """The ``Idempotency-Key`` of a row's meter event: derived from its identifier and key generation.
+
+    Generation 0 is the key earlier versions used; the generation moves on after a 5xx or no answer, so a
+    result Stripe stored for one key (a 500 included) is never replayed at the row forever. Kept in
+    step with ``report_idempotency_key`` in sql/0008.
+    """
+    return f"billing-meter-event:{identifier}" + (f":{generation}" if generation else "")
+
+
+def identifier_of_key(key: str) -> str:
+    """The row identifier inside an ``Idempotency-Key`` made by :func:`idempotency_key` (else ``key``)."""
+    body = key.removeprefix("billing-meter-event:")
+    head, _, tail = body.rpartition(":")
+    return head if head and tail.isdigit() else body
+
+
+def _is_configuration_refusal(error: stripe.StripeError) -> bool:
+    """A refusal that is the Stripe account's configuration, not the row: no such or inactive meter, an
+    unknown event name, or a meter whose customer or value mapping does not match the payload."""
+    if error.http_status not in (400, 404):
+        return False
+    body = (error.json_body or {}).get("error", {}) if isinstance(error.json_body, dict) else {}
+    param = str(body.get("param") or getattr(error, "param", None) or "")
+    message = _error_message(error).lower()
+    if param == "event_name" or "meter" in message:
+        return True
+    return param.startswith("payload[") and body.get("code") == "parameter_missing"
 
 
 def _is_duplicate_identifier(error: stripe.StripeError) -> bool:
@@ -81,6 +115,18 @@ def _is_duplicate_identifier(error: stripe.StripeError) -> bool:
 def _is_retryable(error: stripe.StripeError) -> bool:
     status = error.http_status
     return status is None or status >= 500 or status in _RETRYABLE_STATUSES
+
+
+def _rotates_key(error: stripe.StripeError) -> bool:
+    """Whether Stripe may have stored this answer under the key: a 5xx, no answer at all, or a refusal
+    from inside the endpoint (a configuration refusal), so the next attempt must use a new key."""
+    status = error.http_status
+    return status is None or status >= 500 or status not in _RETRYABLE_STATUSES
+
+
+def _error_code(error: stripe.StripeError) -> str:
+    body = error.json_body if isinstance(error.json_body, dict) else {}
+    return str(body.get("error", {}).get("code") or error.code or error.http_status or "no_answer")
 
 
 def _error_message(error: stripe.StripeError) -> str:
@@ -115,6 +161,18 @@ async def _heartbeating() -> AsyncIterator[None]:
             await task
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """One call's outcome: the row's new status (sent, failed, retry), why, Stripe's answer, whether the
+    next attempt needs a new Idempotency-Key, and the error to raise for a retry."""
+
+    status: str
+    reason: str | None
+    response: Any
+    rotate: bool
+    retry: stripe.StripeError | None
+
+
 class StripeReportActivities:
     """Outbox drain and storage overage; ``stripe`` is None when STRIPE_API_KEY is not set."""
 
@@ -124,72 +182,188 @@ class StripeReportActivities:
         client: Client,
         task_queue: str,
         stripe_client: stripe.StripeClient | None,
+        *,
+        horizon: timedelta = timedelta(hours=20),
+        grace: timedelta = timedelta(hours=1),
     ) -> None:
         self.pool = pool
         self.client = client
         self.task_queue = task_queue
         self.stripe = stripe_client
+        self.horizon = horizon  # BILLING_REPORT_HORIZON
+        self.grace = grace  # BILLING_STRIPE_FINALIZATION_GRACE
 
     @activity.defn(name="send_stripe_reports")
     async def send_stripe_reports(self, request: SendReportsInput) -> SendReportsResult:
-        """Send one page of the org's pending rows, oldest first, in one transaction (see module doc)."""
+        """Claim a short page of the org's oldest rows, call Stripe for each, record each outcome (see the
+        module docstring). Raises a retryable error when Stripe must be retried later."""
         org_id = _validate_org_id(request.org_id)
         info = activity.info()
         # Every attempt of this activity settles rows under the same name, so the counts it returns
-        # include rows an earlier attempt committed before a 429 or a dropped connection.
+        # include rows an earlier attempt recorded before a 429 or a dropped connection.
         by = {
             "org_id": org_id,
             "reported_by": f"{info.workflow_id}/{info.workflow_run_id}/{info.activity_id}",
         }
-        retry_error: stripe.StripeError | None = None
         rows: list[dict[str, Any]] = []
-        async with _heartbeating(), self.pool.connection() as conn, conn.transaction():
-            await conn.execute(
-                query("report_lock_org"), {"org_id": org_id, "idle_timeout": _IDLE_IN_TRANSACTION_TIMEOUT}
-            )
-            skipped = await (await conn.execute(query("report_skip_ineligible"), by)).fetchall()
-            if skipped:
-                activity.logger.info(
-                    "org %s: %d reports skipped (%s)", org_id, len(skipped), skipped[0]["status_reason"]
-                )
-            if self.stripe is not None:
-                page = {"org_id": org_id, "page_size": request.page_size}
-                rows = list(await (await conn.execute(query("report_claim_page"), page)).fetchall())
-                outcomes: list[tuple[int, str, str | None, Any]] = []
-                for row in rows:
-                    try:
-                        outcomes.append((row["id"], *await self._send(self.stripe, org_id, row)))
-                    except stripe.StripeError as error:
-                        # Keep the row pending, remember why, commit the rows settled before it, then
-                        # raise so Temporal backs off and resumes at this row.
-                        retry_error = error
-                        reason = f"will retry: {error.http_status or 'no answer'} {_error_message(error)}"
-                        outcomes.append((row["id"], "pending", reason, None))
-                        break
-                for _, status, _, _ in outcomes:
-                    STRIPE_REPORTS.labels("retry" if status == "pending" else status).inc()
-                await conn.execute(
-                    query("report_record"),
-                    {
-                        **by,
-                        "ids": [o[0] for o in outcomes],
-                        "statuses": [o[1] for o in outcomes],
-                        "reasons": [o[2] for o in outcomes],
-                        "responses": [None if o[3] is None else Jsonb(o[3], dumps=_dumps) for o in outcomes],
-                    },
-                )
+        if self.stripe is not None:
+            rows = await self._send_page(self.stripe, org_id, request, by["reported_by"])
+        async with self.pool.connection() as conn:
             counts = await (await conn.execute(query("report_counts_by"), by)).fetchone()
             failures = await (await conn.execute(query("report_failures_by"), by)).fetchall()
-            skip_reason = await (await conn.execute(query("report_skip_reason_by"), by)).fetchone()
-        if retry_error is not None:
-            raise retry_error
         assert counts is not None
+        waiting = counts.pop("waiting_reason")
         return SendReportsResult(
             **counts,
             more=counts["pending"] > 0 and len(rows) == request.page_size,
             stripe_configured=self.stripe is not None,
-            skip_reason=skip_reason["status_reason"] if skip_reason else None,
+            skip_reason=waiting,
             failures=[f"{f['identifier']}: {f['status_reason']}" for f in reversed(failures)],
+        )
+
+    async def _send_page(
+        self, stripe_client: stripe.StripeClient, org_id: str, request: SendReportsInput, reported_by: str
+    ) -> list[dict[str, Any]]:
+        """Claim, then call and record row by row; returns the claimed rows, raises to retry later."""
+        attempt_id = str(uuid.uuid4())
+        lease = timedelta(seconds=request.lease_seconds)
+        async with _heartbeating():
+            rows = await self._claim(org_id, attempt_id, request.page_size, lease)
+            retry_error: stripe.StripeError | None = None
+            recording: asyncio.Task[None] | None = None
+            recorded = 0  # rows whose outcome is recorded (or being recorded)
+            in_flight: dict[str, Any] | None = None
+            try:
+                for row in rows:
+                    activity.heartbeat(row["identifier"])
+                    in_flight = row
+                    outcome = await self._call(stripe_client, org_id, row)
+                    in_flight = None
+                    # Each outcome is recorded in its own short transaction as soon as it is known; the
+                    # next call starts while it commits (records stay in order: one at a time).
+                    if recording is not None:
+                        await recording
+                    recording = asyncio.create_task(
+                        self._record(attempt_id, row, reported_by, lease, outcome)
+                    )
+                    recorded += 1
+                    if outcome.retry is not None:
+                        retry_error = outcome.retry
+                        break
+                if recording is not None:
+                    await recording
+            finally:
+                if recording is not None and not recording.done():
+                    await asyncio.shield(recording)
+                if in_flight is not None:
+                    # Interrupted mid-call (cancelled): no answer, so the next attempt uses a new key.
+                    interrupted = _Outcome("retry", "will retry: call interrupted", None, True, None)
+                    await asyncio.shield(self._record(attempt_id, in_flight, reported_by, lease, interrupted))
+                    recorded += 1
+                # Rows claimed but never called are given back now rather than when the lease expires.
+                if recorded < len(rows):
+                    async with self.pool.connection() as conn:
+                        await conn.execute(query("report_release"), {"attempt_id": attempt_id})
+        if retry_error is not None:
+            raise retry_error
+        return rows
+
+    async def _claim(
+        self, org_id: str, attempt_id: str, page_size: int, lease: timedelta
+    ) -> list[dict[str, Any]]:
+        """One short transaction: uncertain rows past the horizon, then the claim (see module doc)."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                query("report_lock_org"), {"org_id": org_id, "idle_timeout": _IDLE_IN_TRANSACTION_TIMEOUT}
+            )
+            uncertain = await (
+                await conn.execute(
+                    query("report_mark_uncertain"), {"org_id": org_id, "horizon": self.horizon}
+                )
+            ).fetchall()
+            claimed = await (
+                await conn.execute(
+                    query("report_claim"),
+                    {
+                        "org_id": org_id,
+                        "page_size": page_size,
+                        "attempt_id": attempt_id,
+                        "lease": lease,
+                        "grace": self.grace,
+                    },
+                )
+            ).fetchall()
+        if uncertain:
+            STRIPE_REPORTS.labels("uncertain").inc(len(uncertain))
+            activity.logger.error(
+                "org %s: %d Stripe reports not settled within %s of their first attempt are now uncertain "
+                "and will not be resent automatically (first: %s); run `billing reconcile`",
+                org_id,
+                len(uncertain),
+                self.horizon,
+                uncertain[0]["identifier"],
+            )
+        if claimed and claimed[0]["busy"]:
+            # Another report of this org holds a live lease: one sender per org, oldest first.
+            raise ApplicationError(
+                f"org {org_id}: another report is sending this org's rows; retrying after it",
+                type="OrgReportBusy",
+            )
+        return [dict(row) for row in claimed]
+
+    async def _call(self, stripe_client: stripe.StripeClient, org_id: str, row: dict[str, Any]) -> _Outcome:
+        """Call Stripe for one row, holding no connection: its outcome, with the error to raise when
+        Stripe must be retried later (the row is then pending again)."""
+        try:
+            status, reason, response = await self._send(stripe_client, org_id, row)
+        except stripe.StripeError as error:
+            reason = f"will retry: {error.http_status or 'no answer'} {_error_message(error)}"
+            if _is_configuration_refusal(error):
+                reason = f"will retry: Stripe configuration: {_error_message(error)}"
+                STRIPE_CONFIG_REFUSALS.labels(_error_code(error)).inc()
+                # Alert level: every row of every org waits until the Stripe account is fixed.
+                activity.logger.error(
+                    "ALERT: Stripe refused meter event %s (%s) for a configuration reason: %s; rows stay "
+                    "pending and are retried",
+                    row["identifier"],
+                    row["stripe_event_name"],
+                    _error_message(error),
+                )
+            return _Outcome("retry", reason, None, _rotates_key(error), error)
+        return _Outcome(status, reason, response, False, None)
+
+    async def _record(
+        self, attempt_id: str, row: dict[str, Any], reported_by: str, lease: timedelta, outcome: _Outcome
+    ) -> None:
+        """Record one row's outcome in its own short transaction (renewing the attempt's lease)."""
+        STRIPE_REPORTS.labels(outcome.status).inc()
+        if outcome.status == "failed":
+            code = (outcome.response or {}).get("error", {}).get("code") if outcome.response else None
+            STRIPE_REPORT_FAILURES.labels(str(code or "other")).inc()
+        async with self.pool.connection() as conn:
+            # One statement is its own transaction: autocommit saves the COMMIT round trip per row.
+            await conn.set_autocommit(True)
+            try:
+                await self._record_statement(conn, attempt_id, row, reported_by, lease, outcome)
+            finally:
+                await conn.set_autocommit(False)
+
+    @staticmethod
+    async def _record_statement(
+        conn: Any, attempt_id: str, row: dict[str, Any], reported_by: str, lease: timedelta, outcome: _Outcome
+    ) -> None:
+        await conn.execute(
+            query("report_record_one"),
+            {
+                "id": row["id"],
+                "attempt_id": attempt_id,
+                "outcome": outcome.status,
+                "reason": outcome.reason,
+                "response": None if outcome.response is None else Jsonb(outcome.response, dumps=_dumps),
+                "rotate": outcome.rotate,
+                "reported_by": reported_by,
+                "lease": lease,
+            },
         )
 
     async def _send(
@@ -201,20 +375,20 @@ class StripeReportActivities:
                 {
                     "event_name": row["stripe_event_name"],
                     "identifier": row["identifier"],
-                    "timestamp": int(row["event_timestamp"].timestamp()),
+                    "timestamp": int(row["sent_timestamp"].timestamp()),
                     "payload": {
                         "stripe_customer_id": row["stripe_customer_id"],
                         "value": str(row["quantity"]),
                     },
                 },
-                {"idempotency_key": idempotency_key(row["identifier"])},
+                {"idempotency_key": row["idempotency_key"]},
             )
         except stripe.StripeError as error:
             if _is_duplicate_identifier(error):
-                # An earlier attempt (whose answer was lost, or whose commit was) was counted.
+                # An earlier attempt (whose answer was lost, or whose record was) was counted.
                 note = {"deduplicated": True, "error": error.json_body, "request_id": error.request_id}
                 return "sent", "Stripe already had this identifier: counted once", note
-            if _is_retryable(error):
+            if _is_retryable(error) or _is_configuration_refusal(error):
                 raise
             message = _error_message(error)
             activity.logger.warning(
@@ -226,15 +400,17 @@ class StripeReportActivities:
                 message,
             )
             return "failed", message, error.json_body or {"message": message}
-        return "sent", None, event.to_dict()
+        late = "sent late: stamped at send time" if row["sent_late"] else None
+        return "sent", late, event.to_dict()
 
     @activity.defn(name="queue_storage_overage")
     async def queue_storage_overage(self, request: QueueStorageOverageInput) -> QueueStorageOverageResult:
-        """Queue one storage_gb_hour row per paid org over its storage limit, in one statement."""
+        """Queue every missed storage hour up to ``request.hour`` per paid org over its storage limit, in
+        one statement (see sql/queries/queue_storage_overage.sql)."""
         hour = parse_hour(request.hour)
-        # The level is read now; an hour ahead of the clock would bill storage not yet held, and Stripe
-        # refuses timestamps more than five minutes ahead anyway.
-        if hour > datetime.now(UTC) + timedelta(minutes=5):
+        # An hour ahead of the clock would bill storage not yet held, and Stripe refuses timestamps more
+        # than five minutes ahead anyway.
+        if hour > utcnow() + timedelta(minutes=5):
             raise ApplicationError(f"hour {request.hour} is in the future", non_retryable=True)
         async with self.pool.connection() as conn:
             cursor = await conn.execute(query("queue_storage_overage"), {"hour": hour})
@@ -247,6 +423,7 @@ class StripeReportActivities:
 
         Without STRIPE_API_KEY nothing is started: the rows wait, and ``billing status`` says why.
         """
+        await reporting.refresh_outbox_gauges(self.pool)
         if self.stripe is None:
             return StartReportsResult(started=0, already_running=0, stripe_configured=False)
         async with self.pool.connection() as conn:

@@ -17,6 +17,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 
 from billing.config import Settings
 from billing.errors import ConfigError
+from billing.metrics import USAGE_APPLY_ROWS
 from billing.models_sync import (
     MAX_LISTED_SKIPS,
     AdvanceWatermarkInput,
@@ -33,6 +34,7 @@ from billing.models_sync import (
     input_error,
 )
 from billing.months import parse_month
+from billing.notifications import Dispatcher
 from billing.sql import query
 from billing.temporal import start_monthly_reset
 
@@ -157,6 +159,10 @@ class UsageActivities:
                 async with self.pool.connection() as conn:
                     async with conn.transaction():
                         row = await (await conn.execute(query("apply_usage_batch"), params)).fetchone()
+                        # Thresholds reached, in the same transaction: exactly once per crossing.
+                        notified = await (
+                            await conn.execute(query("notify_usage_thresholds"), params)
+                        ).fetchall()
                     skipped = await (
                         await conn.execute(query("batch_skips"), {**params, "limit": MAX_LISTED_SKIPS})
                     ).fetchall()
@@ -169,7 +175,20 @@ class UsageActivities:
                 # A value the database cannot take (out of range, malformed): retrying cannot help.
                 raise input_error(f"batch {request.batch_id} cannot be applied: {exc}") from None
         assert row is not None
+        USAGE_APPLY_ROWS.labels("applied").inc(row["rows_applied"])
+        USAGE_APPLY_ROWS.labels("rejected").inc(row["rows_rejected"])
+        USAGE_APPLY_ROWS.labels("held_back").inc(row["rows_pending"])
+        if notified:
+            await self._dispatch([n["id"] for n in notified])
         return ApplyBatchResult(**row, skipped_orgs=[SkippedOrg(**skip) for skip in skipped])
+
+    async def _dispatch(self, ids: list[int]) -> None:
+        """Start the new notifications' deliveries now; if that fails, the minutely
+        ``notifications-dispatch`` schedule does (the rows are committed), so the apply still succeeds."""
+        try:
+            await Dispatcher(self.settings, self.pool, self.client, self.task_queue).dispatch(ids)
+        except Exception as exc:
+            activity.logger.warning("notifications %s left to the dispatch schedule: %s", ids, exc)
 
     @activity.defn(name="stage_pull_batch")
     async def stage_pull_batch(self, request: PullStageInput) -> PullStageResult:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,34 +12,64 @@ from starlette.responses import JSONResponse
 from api.auth import require_bearer
 from api.errors import ApiError
 from api.validation import json_body, path_uuid
+from billing.models import MAX_BIGINT, MAX_ID_LENGTH, Name, Tag
 from billing.months import current_month, parse_month
+from billing.notifications import org_notifications
 from billing.sql import query
 from billing.status import add_temporal_view, load_org_status
 
 PlanName = Literal["free", "pro", "team"]
+# A JSON integer only (no booleans, strings or floats) within bigint; a negative one is refused below
+# with its own message.
+Limit = Annotated[int, Field(strict=True, ge=-MAX_BIGINT - 1, le=MAX_BIGINT)]
+# A JSON integer only; its range (1 to 1000 percent) is checked by put_plan with a message of its own.
+StrictPercent = Annotated[int, Field(strict=True)]
 
 
 class OrgBody(BaseModel):
     """``PUT /v1/orgs/{org_id}``: every field optional; a new org's plan defaults to free."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, max_length=200)
+    name: Name | None = None
     plan: PlanName | None = None
-    stripe_customer_id: str | None = Field(default=None, pattern=r"^cus_[A-Za-z0-9]+$")
+    stripe_customer_id: str | None = Field(
+        default=None, pattern=r"^cus_[A-Za-z0-9]+$", max_length=MAX_ID_LENGTH, strict=True
+    )
 
 
 class ProjectBody(BaseModel):
     """``PUT /v1/orgs/{org_id}/projects/{project_id}``."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, max_length=200)
+    name: Name | None = None
 
 
 class PlanBody(BaseModel):
-    """``PUT /v1/plans/{plan}``: included quantity per meter tag."""
+    """``PUT /v1/plans/{plan}``: included quantity per meter tag, and optionally the notification
+    thresholds (percentages of each included quantity; replaces the plan's set, [] for none)."""
 
     model_config = ConfigDict(extra="forbid")
+    # JSON integers only, at most 2^63-1 (the bigint column; negatives refused in put_plan); at most
+    # one entry per meter and then some.
+    limits: dict[Tag, Limit] = Field(default_factory=dict, max_length=64)
+    # Percentages of each included quantity at which the product is told (default 80 and 100).
+    thresholds: list[StrictPercent] | None = Field(default=None, max_length=20)
+
+
+class ProjectAnswer(BaseModel):
+    """``PUT /v1/orgs/{org_id}/projects/{project_id}``: the attachment as stored."""
+
+    org_id: str
+    project_id: str
+    name: str | None
+
+
+class PlanAnswer(BaseModel):
+    """``PUT /v1/plans/{plan}``: the limits just set, and the plan's notification thresholds."""
+
+    plan: PlanName
     limits: dict[str, int]
+    thresholds: list[int]
 
 
 async def _recompute_flags(conn: psycopg.AsyncConnection, org_ids: list[str]) -> None:
@@ -81,7 +111,7 @@ async def put_project(request: Request) -> JSONResponse:
         raise ApiError(
             404, f"organization {org_id} does not exist; create it with PUT /v1/orgs/{org_id}"
         ) from None
-    return JSONResponse(row)
+    return JSONResponse(ProjectAnswer.model_validate(row).model_dump(mode="json"))
 
 
 async def put_plan(request: Request) -> JSONResponse:
@@ -99,16 +129,38 @@ async def put_plan(request: Request) -> JSONResponse:
         negative = sorted(tag for tag, value in body.limits.items() if value < 0)
         if negative:
             raise ApiError(400, f"limit of {negative[0]!r} must not be negative")
-        tags = sorted(body.limits)
-        cursor = await conn.execute(
-            query("set_plan_limits"),
-            {"plan": plan, "tags": tags, "included": [body.limits[tag] for tag in tags]},
-        )
-        row = await cursor.fetchone()
-        assert row is not None
-        if row["org_ids"]:
-            await _recompute_flags(conn, row["org_ids"])
-    return JSONResponse({"plan": plan, "limits": body.limits})
+        bad = sorted(p for p in body.thresholds or [] if not 1 <= p <= 1000)
+        if bad:
+            raise ApiError(400, f"threshold {bad[0]} must be a percentage between 1 and 1000")
+        async with conn.transaction():
+            tags = sorted(body.limits)
+            cursor = await conn.execute(
+                query("set_plan_limits"),
+                {"plan": plan, "tags": tags, "included": [body.limits[tag] for tag in tags]},
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            if body.thresholds is not None:
+                await conn.execute(
+                    query("set_plan_thresholds"), {"plan": plan, "percents": sorted(set(body.thresholds))}
+                )
+            if row["org_ids"]:
+                await _recompute_flags(conn, row["org_ids"])
+        thresholds = await (await conn.execute(query("plan_thresholds"), {"plan": plan})).fetchone()
+    assert thresholds is not None
+    answer = PlanAnswer(plan=plan, limits=body.limits, thresholds=thresholds["percents"])
+    return JSONResponse(answer.model_dump(mode="json"))
+
+
+async def get_plan(request: Request) -> JSONResponse:
+    """A plan's included quantities, as ``PUT /v1/plans/{plan}`` takes them (null: unlimited)."""
+    require_bearer(request)
+    plan = request.path_params["plan"]
+    if plan not in ("free", "pro", "team"):
+        raise ApiError(400, f"unknown plan {plan[:40]!r}; plans are free, pro and team")
+    async with request.app.state.pool.connection() as conn:
+        rows = await (await conn.execute(query("plan_limits"), {"plan": plan})).fetchall()
+    return JSONResponse({"plan": plan, "limits": {row["tag"]: row["included"] for row in rows}})
 
 
 async def get_org(request: Request) -> JSONResponse:
@@ -126,4 +178,7 @@ async def _org_response(request: Request, org_id: str, *, with_workflows: bool =
         raise ApiError(404, f"organization {org_id} does not exist")
     if with_workflows:
         await add_temporal_view(status, request.app.state.client)
-    return JSONResponse(status.model_dump(mode="json"))
+    answer = status.model_dump(mode="json")
+    # The recent notifications to the product, with their delivery state (`billing notifications`).
+    answer["notifications"] = await org_notifications(request.app.state.pool, org_id, limit=10)
+    return JSONResponse(answer)

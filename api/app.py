@@ -5,14 +5,22 @@ from __future__ import annotations
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 from temporalio.client import Client
 
-from api import admin, health, usage, webhooks
+from api import admin, health, meter_errors, usage, webhooks
 from api.errors import EXCEPTION_HANDLERS
 from api.quota import QuotaFastPath
+from api.schemas import openapi_document
 from api.telemetry import TelemetryMiddleware
 from billing.config import Settings
+
+
+async def openapi_json(_: Request) -> JSONResponse:
+    """The OpenAPI 3.1 document of this API (see api/schemas.py)."""
+    return JSONResponse(openapi_document())
 
 
 def create_app(settings: Settings, pool: AsyncConnectionPool, client: Client) -> Starlette:
@@ -20,13 +28,16 @@ def create_app(settings: Settings, pool: AsyncConnectionPool, client: Client) ->
     routes = [
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/metrics", health.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/v1/orgs/{org_id}", admin.put_org, methods=["PUT"]),
         Route("/v1/orgs/{org_id}", admin.get_org, methods=["GET"]),
         Route("/v1/orgs/{org_id}/projects/{project_id}", admin.put_project, methods=["PUT"]),
         Route("/v1/plans/{plan}", admin.put_plan, methods=["PUT"]),
+        Route("/v1/plans/{plan}", admin.get_plan, methods=["GET"]),
         Route("/v1/metrics", usage.post_metrics, methods=["POST"]),
         Route("/v1/projects/{project_id}/quota", usage.get_quota, methods=["GET"]),
         Route("/v1/stripe/webhook", webhooks.stripe_webhook, methods=["POST"]),
+        Route("/v1/stripe/meter-errors", meter_errors.stripe_meter_errors, methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,

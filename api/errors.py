@@ -42,8 +42,17 @@ def error_response(status: int, msg: str, error: str | None = None) -> JSONRespo
 def describe_validation_error(exc: ValidationError) -> str:
     """The first problem of a pydantic error as one sentence, e.g. ``plan: Input should be ...``."""
     first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "body"
-    return f"{where}: {first['msg']}"
+    where = ".".join(_shown(part) for part in first["loc"]) or "body"
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+
+
+def _shown(part: object) -> str:
+    """A location part (a field name, an index, or a dict key from the input) bounded and printable."""
+    text = str(part)
+    if len(text) > 64:
+        text = text[:64] + "..."
+    # A key from the input may hold control characters; show them escaped, never raw.
+    return text if text.isprintable() else repr(text)
 
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import psycopg
+import psycopg_pool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+from billing.reporting import refresh_outbox_gauges
 
 _CHECK_TIMEOUT = 3.0
 
@@ -38,6 +42,12 @@ async def healthz(request: Request) -> JSONResponse:
     )
 
 
-async def metrics(_: Request) -> Response:
+async def metrics(request: Request) -> Response:
     """Prometheus text exposition of this process's metrics."""
+    try:
+        # The Stripe outbox by state (rows waiting for a customer, uncertain, ...) as PostgreSQL has it
+        # now; /metrics still answers, with the last values, when PostgreSQL does not.
+        await asyncio.wait_for(refresh_outbox_gauges(request.app.state.pool), timeout=2)
+    except (psycopg.Error, psycopg_pool.PoolTimeout, TimeoutError, AttributeError):
+        pass
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -11,15 +11,28 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billing.telemetry import HTTP_LATENCY, HTTP_REQUESTS, tracer
 
+# Labels come from closed sets, so no request can add a time series: the standard methods (anything
+# else is "other"), and the route templates (any path no route knows is "unmatched").
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+
+
+def method_label(method: str) -> str:
+    """The method as a label: itself when standard, else ``other``."""
+    return method if method in STANDARD_METHODS else "other"
+
 
 def _route_template(scope: Scope) -> str:
-    # Label by template, not path: one time series per endpoint, not per project id.
+    # Label by template, not path: one time series per endpoint, not per project id. A route that
+    # matches the path but not the method (a 405) is still that route.
     app: Any = scope.get("app")
+    partial = None
     for route in getattr(app, "routes", []):
         match, _ = route.matches(scope)
         if match == Match.FULL:
-            return str(getattr(route, "path", scope["path"]))
-    return "unmatched"
+            return str(route.path)
+        if match == Match.PARTIAL and partial is None:
+            partial = str(route.path)
+    return partial or "unmatched"
 
 
 class TelemetryMiddleware:
@@ -33,7 +46,7 @@ class TelemetryMiddleware:
             await self.app(scope, receive, send)
             return
         route = _route_template(scope)
-        method = scope["method"]
+        method = method_label(scope["method"])
         status = 500
         started = time.perf_counter()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from opentelemetry import trace
@@ -14,7 +13,7 @@ from temporalio.service import RPCError
 from api.auth import require_bearer
 from api.errors import ApiError
 from api.quota import flag_lookup, quota_consuming
-from api.validation import path_uuid
+from api.validation import parse_json, path_uuid, read_body
 from billing.telemetry import USAGE_ROWS
 from billing.usage_batches import (
     MAX_ROWS,
@@ -39,25 +38,12 @@ RETRY_AFTER_SECONDS = 60
 
 async def _read_body(request: Request) -> bytes:
     """The body, or 413 as soon as it is known to exceed MAX_BODY_BYTES (declared or streamed)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, f"body of {int(declared):,} bytes exceeds {MAX_BODY_BYTES:,} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"body exceeds {MAX_BODY_BYTES:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_body(request, MAX_BODY_BYTES)
 
 
 def _metrics_of(raw: bytes) -> list[dict[str, Any]]:
     """The ``metrics`` list of the body; 400 unless the body is ``{"metrics": [{...}, ...]}``."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, "body is not valid JSON") from None
+    data = parse_json(raw)
     if not isinstance(data, dict) or not isinstance(data.get("metrics"), list):
         raise ApiError(400, 'body must be an object {"metrics": [...]} with a list of counter rows')
     metrics: list[Any] = data["metrics"]

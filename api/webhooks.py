@@ -6,6 +6,14 @@ org, an event already applied). Anything transient — PostgreSQL, Temporal or S
 503, and Stripe retries. A bad signature, a stale timestamp or a malformed body is a 400 and records
 nothing.
 
+Routing (issue 11, finding 7), customer first: an event belongs to the org whose ``stripe_customer_id``
+is the event's customer. Its metadata ``organization_id`` is used only when no org has that customer (the
+org workflow then records the customer on the org, unless it already has one: a recorded customer is
+never re-pointed). An event whose metadata names another org than its customer's is recorded as
+``mismatch`` under the customer's org (logged, shown in ``billing status``, answered 200, not applied). An event whose ``livemode`` differs from the
+mode of ``STRIPE_API_KEY`` (``sk_live_``/``rk_live_`` vs ``sk_test_``/``rk_test_``) is recorded as
+``ignored`` with the reason and answered 200. Without ``STRIPE_API_KEY`` there is no mode to compare.
+
 Redeliveries: the event id is recorded in ``stripe_webhook_events``. An event the org workflow already
 applied is answered 200 at once; any other redelivery (including one whose earlier signal failed) is
 signalled again, and the workflow's reducer drops the duplicate by event id.
@@ -13,11 +21,11 @@ signalled again, and the workflow's reducer drops the duplicate by event id.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import stripe
@@ -26,6 +34,8 @@ from starlette.responses import JSONResponse
 from temporalio.service import RPCError
 
 from api.errors import ApiError
+from api.validation import parse_json, read_body
+from billing.clock import utcnow
 from billing.ids import org_billing_id
 from billing.org_billing import signal_org_billing
 from billing.sql import query
@@ -36,7 +46,12 @@ from billing.telemetry import WEBHOOK_EVENTS
 log = logging.getLogger(__name__)
 
 SIGNATURE_TOLERANCE_SECONDS = 300
-MAX_BODY_BYTES = 1_000_000
+# Stripe's events are small (lists inside them are truncated to a page of 10 items, and the largest
+# real ones, invoices with many lines and metadata, stay well under 100 KB); 1 MiB bounds what an
+# unauthenticated sender can make the server buffer.
+MAX_BODY_BYTES = 1024 * 1024
+# A real header is a timestamp and one or two v1 signatures (about 150 bytes).
+MAX_SIGNATURE_HEADER = 4096
 SIGNAL_TIMEOUT = timedelta(seconds=10)
 # Stripe's own call, made only when neither metadata nor the customer names the org.
 STRIPE_LOOKUP_TIMEOUT = 10.0
@@ -61,27 +76,29 @@ async def _receive(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     if settings.stripe_webhook_secret is None:
         raise ApiError(503, "STRIPE_WEBHOOK_SECRET is not set: webhooks are not accepted until it is")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"body over {MAX_BODY_BYTES:,} bytes")
+    # The signature header is checked before a byte of the body is read: an unsigned request costs
+    # nothing, whatever it sends.
     header = request.headers.get("stripe-signature")
     if not header:
         raise ApiError(400, "missing Stripe-Signature header")
+    if len(header) > MAX_SIGNATURE_HEADER:
+        raise ApiError(400, "Stripe-Signature header too long")
+    body = await read_body(request, MAX_BODY_BYTES)
     try:
         stripe.WebhookSignature.verify_header(
             body.decode("utf-8"),
             header,
             settings.stripe_webhook_secret.get_secret_value(),
-            tolerance=SIGNATURE_TOLERANCE_SECONDS,
+            # The age is checked below, both ways, against billing.clock (stripe-python reads
+            # time.time() and only refuses old timestamps).
+            tolerance=None,
         )
     except UnicodeDecodeError:
         raise ApiError(400, "body is not UTF-8") from None
     except stripe.SignatureVerificationError as exc:
         raise ApiError(400, f"bad Stripe-Signature: {exc.user_message or exc}") from None
-    try:
-        payload = json.loads(body)
-    except json.JSONDecodeError:
-        raise ApiError(400, "body is not valid JSON") from None
+    _check_timestamp(header)
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         raise ApiError(400, "body is not a Stripe event object")
     try:
@@ -100,26 +117,50 @@ async def _receive(request: Request) -> JSONResponse:
         raise ApiError(503, f"event {event.id} could not be handed over ({exc}); deliver it again") from None
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where an event goes: `received` (to `org_id`'s workflow) or why it is not applied."""
+
+    status: Literal["received", "unmatched", "mismatch", "ignored"]
+    org_id: str | None
+    detail: str | None = None
+
+
+def key_livemode(settings: Any) -> bool | None:
+    """True for a live STRIPE_API_KEY, False for a test one, None when unset or of no known prefix."""
+    if settings.stripe_api_key is None:
+        return None
+    key = settings.stripe_api_key.get_secret_value()
+    if key.startswith(("sk_live_", "rk_live_")):
+        return True
+    if key.startswith(("sk_test_", "rk_test_")):
+        return False
+    return None
+
+
 async def _deliver(request: Request, event: BillingEvent) -> JSONResponse:
     state = request.app.state
-    org_id = await _find_org(request, event)
+    route = _livemode_route(state.settings, event) or await _find_org(request, event)
+    org_id = route.org_id
     record = {
         "event_id": event.id,
         "event_type": event.type,
         "org_id": org_id,
         "object_id": event.object_id,
         "created": event.created,
-        "status": "received" if org_id else "unmatched",
-        "detail": None if org_id else _unmatched_detail(event),
+        "status": route.status,
+        "detail": route.detail,
     }
     try:
         async with state.pool.connection() as conn:
             row = await (await conn.execute(query("webhook_record_event"), record)).fetchone()
     except psycopg.Error as exc:
         raise _Transient(f"PostgreSQL: {type(exc).__name__}") from exc
-    if org_id is None:
-        log.warning("Stripe event %s (%s): %s", event.id, event.type, record["detail"])
-        return JSONResponse({"ok": True, "ignored": record["detail"]})
+    if route.status != "received":
+        # Redelivering cannot change the answer: 200, so Stripe stops; the row says why.
+        log.warning("Stripe event %s (%s) %s: %s", event.id, event.type, route.status, route.detail)
+        return JSONResponse({"ok": True, "ignored": route.detail, "status": route.status})
+    assert org_id is not None
     # No row: a concurrent delivery of the same event inserted it after this statement's snapshot.
     if row is not None and row["status"] == "applied":
         return JSONResponse({"ok": True, "duplicate": True, "workflow_id": org_billing_id(org_id)})
@@ -139,6 +180,29 @@ async def _deliver(request: Request, event: BillingEvent) -> JSONResponse:
     return JSONResponse({"ok": True, "workflow_id": org_billing_id(org_id)})
 
 
+def _check_timestamp(header: str) -> None:
+    """400 when the signed timestamp lies more than the tolerance in the past or in the future.
+
+    stripe-python refuses old timestamps only; a future one would let a captured request (or one
+    signed with a skewed clock) be replayed for as long as it is ahead.
+    """
+    stamps = [item.split("=", 1)[1] for item in header.split(",") if item.strip().startswith("t=")]
+    try:
+        signed_at = int(stamps[0])
+    except (IndexError, ValueError):
+        raise ApiError(400, "bad Stripe-Signature: no timestamp") from None
+    ahead = signed_at - utcnow().timestamp()
+    if ahead < -SIGNATURE_TOLERANCE_SECONDS:
+        # stripe-python's own words for it.
+        raise ApiError(400, f"bad Stripe-Signature: Timestamp outside the tolerance zone ({signed_at})")
+    if ahead > SIGNATURE_TOLERANCE_SECONDS:
+        raise ApiError(
+            400,
+            f"bad Stripe-Signature: Timestamp outside the tolerance zone ({signed_at}): "
+            f"{int(ahead)} s in the future",
+        )
+
+
 def _unmatched_detail(event: BillingEvent) -> str:
     return (
         f"no organization for {event.object_kind} {event.object_id} "
@@ -147,33 +211,65 @@ def _unmatched_detail(event: BillingEvent) -> str:
     )
 
 
-async def _find_org(request: Request, event: BillingEvent) -> str | None:
-    """The org: metadata `organization_id`, else the customer's billing row, else the subscription's
-    metadata retrieved from Stripe. None when no existing org matches."""
+def _livemode_route(settings: Any, event: BillingEvent) -> Route | None:
+    """`ignored` when the event's livemode is not the mode of STRIPE_API_KEY; None when it may go on."""
+    live = key_livemode(settings)
+    if live is None or event.livemode is None or event.livemode == live:
+        return None
+    return Route(
+        "ignored",
+        None,
+        f"livemode {str(event.livemode).lower()} event, but STRIPE_API_KEY is a "
+        f"{'live' if live else 'test'} key: not applied",
+    )
+
+
+async def _find_org(request: Request, event: BillingEvent) -> Route:
+    """Customer first: the org that has the event's customer; else the org its metadata names (the
+    subscription's metadata, else the subscription's metadata retrieved from Stripe)."""
     hint = _as_uuid(event.organization_id)
     if hint is None and event.organization_id:
         log.warning("Stripe event %s: organization_id %r is not a UUID", event.id, event.organization_id)
-    org_id = await _lookup_org(request, hint, event.customer_id)
-    if org_id is not None or event.subscription_id is None:
-        return org_id
-    from_stripe = _as_uuid(await _subscription_org(request, event.subscription_id))
-    if from_stripe is None:
-        return None
-    return await _lookup_org(request, from_stripe, None)
+    facts = await _route_facts(request, hint, event.customer_id)
+    customer_org = facts["customer_org"]
+    if customer_org is not None:
+        if hint is not None and hint != customer_org:
+            return Route(
+                "mismatch",
+                customer_org,
+                f"metadata organization_id {hint} names another org than {customer_org}, whose Stripe "
+                f"customer {event.customer_id} this is: not applied",
+            )
+        return Route("received", customer_org)
+    if hint is None and event.subscription_id is not None:
+        hint = _as_uuid(await _subscription_org(request, event.subscription_id))
+        if hint is not None:
+            facts = await _route_facts(request, hint, None)
+    if facts["hint_org"] is None:
+        return Route("unmatched", None, _unmatched_detail(event))
+    recorded = facts["hint_org_customer"]
+    if recorded is not None and event.customer_id is not None and recorded != event.customer_id:
+        # No org has this customer and the named one has another: applied (the contract routes by
+        # metadata here), but the org's customer is never re-pointed; an operator decides.
+        log.warning(
+            "Stripe event %s: customer %s has no org; metadata names org %s, whose customer is %s "
+            "(left as it is)",
+            event.id, event.customer_id, hint, recorded,
+        )  # fmt: skip
+    return Route("received", facts["hint_org"])
 
 
-async def _lookup_org(request: Request, org_hint: str | None, customer_id: str | None) -> str | None:
-    if org_hint is None and customer_id is None:
-        return None
+async def _route_facts(request: Request, org_hint: str | None, customer_id: str | None) -> dict[str, Any]:
     try:
         async with request.app.state.pool.connection() as conn:
             cursor = await conn.execute(
-                query("webhook_find_org"), {"org_hint": org_hint, "customer_id": customer_id}
+                query("webhook_route"), {"org_hint": org_hint, "customer_id": customer_id}
             )
             row = await cursor.fetchone()
     except psycopg.Error as exc:
         raise _Transient(f"PostgreSQL: {type(exc).__name__}") from exc
-    return row["org_id"] if row else None
+    assert row is not None
+    return dict(row)
 
 
 async def _subscription_org(request: Request, subscription_id: str) -> str | None:

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from billing.config import Settings
 from billing.errors import UserError
+from billing.humanize import gib, iso, plural, verb
 
 EXIT_USAGE = 2
 
@@ -82,7 +83,7 @@ async def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run a worker until Ctrl-C."""
     from billing.services import open_services, serve_until_stopped, stop_event
 
-    async with open_services(settings, pool_size=20) as services:
+    async with open_services(settings, pool_size=20, worker_metrics=True) as services:
         print(f"worker on task queue {settings.task_queue!r} at {settings.temporal_address}", flush=True)
         await serve_until_stopped(services, run_worker=True, run_api=False, stop=stop_event())
     return 0
@@ -109,7 +110,11 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     from billing.devstack import run_dev
 
     return await run_dev(
-        settings, data_dir=args.data_dir, temporal_port=args.temporal_port, ui_port=args.ui_port
+        settings,
+        data_dir=args.data_dir,
+        temporal_port=args.temporal_port,
+        ui_port=args.ui_port,
+        with_parent=args.exit_with_parent,
     )
 
 
@@ -149,27 +154,67 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     reason = f" ({status.payment_status_reason})" if status.payment_status_reason else ""
     print(f"  payment status: {status.payment_status}{reason}")
     if status.period_end:
-        print(f"  period end: {status.period_end:%Y-%m-%d %H:%M} UTC")
-    print(f"  usage {status.month}:")
+        print(f"  period end: {iso(status.period_end)}")
+    # Quota flags are the org's current ones: shown on the current month only.
+    current = status.month == current_month()
+    print(
+        f"  usage {status.month}:"
+        + ("" if current else " (quota flags are current: not shown for a past month)")
+    )
     for meter in status.usage:
-        limit = "unlimited" if meter.included is None else f"{meter.included:,}"
-        flag = "  EXCESS" if meter.excess else ""
-        over = f"  over by {meter.over_by:,}" if meter.over_by and meter.included is not None else ""
-        print(f"    {meter.tag:<30} {meter.used:>16,} / {limit}{over}{flag}")
+        print(f"    {_usage_line(meter, status.plan, status.payment_status if current else None)}")
     print(f"  stripe reporting: {status.stripe_reporting}")
     for report in status.stripe_reports:
         why = f" (last: {report.last_reason})" if report.last_reason else ""
-        plural = "s" if report.reports != 1 else ""
-        print(f"    {report.status}: {report.reports} report{plural}, {report.quantity:,} units{why}")
+        print(
+            f"    {report.status}: {plural(report.reports, 'report')}, {plural(report.quantity, 'unit')}{why}"
+        )
+    for error in status.stripe_meter_errors:
+        whose = "unmatched, any org" if error["unmatched"] else "this org"
+        print(
+            f"    Stripe meter error {error['event_id']} ({whose}): {error['code']}, "
+            f"{plural(error['error_count'], 'event')}: {error['message']}"
+        )
+    for act in status.stripe_report_actions:
+        new = f" as {act['new_identifier']}" if act["new_identifier"] else ""
+        print(
+            f"    {iso(act['at'])} {act['actor']} {act['action']} {act['old_identifier']}{new}: "
+            f"{act['reason']}"
+        )
     print(f"  resets: {', '.join(status.recent_resets) or 'none yet'}")
+    for event in status.webhook_events_not_applied:
+        print(f"  Stripe event not applied ({event['status']}): {event['event_id']} {event['event_type']}: "
+              f"{event['detail']}")  # fmt: skip
     if status.temporal_error:
         print(f"  workflows and payment state machine: unknown, {status.temporal_error}")
         return 0
-    print("  workflows:")
+    if not status.workflows:
+        print("  workflows: none yet")
+    else:
+        print("  workflows:")
     for wf in status.workflows:
-        print(f"    {wf.status:<11} {wf.workflow_id}")
+        print(f"    {wf.status:<11} {wf.workflow_id}  (started {iso(wf.started_at)})")
     _print_payment_state(status.payment_state)
     return 0
+
+
+def _usage_line(meter: Any, plan: str, payment_status: str | None) -> str:
+    """One meter's usage against its limit; storage in GiB; a flag says why (``payment_status`` None: no flag)."""
+
+    def amount(value: int) -> str:
+        return gib(value) if meter.tag == "storage.usage" else f"{value:,}"
+
+    limit = "unlimited" if meter.included is None else amount(meter.included)
+    over = f"  over by {amount(meter.over_by)}" if meter.over_by and meter.included is not None else ""
+    flag = ""
+    if meter.excess and payment_status is not None:
+        why = []
+        if meter.over_by and plan == "free":
+            why.append("over the free plan's limit")
+        if payment_status == "blocked":
+            why.append("org payment-blocked")
+        flag = "  EXCESS" + (f" ({', '.join(why)})" if why else "")
+    return f"{meter.tag:<30} {amount(meter.used):>16} / {limit}{over}{flag}"
 
 
 def _print_payment_state(view: Any) -> None:
@@ -189,16 +234,29 @@ def _print_payment_state(view: Any) -> None:
         print(f"    open {failed.kind} failure: {failed.invoice_id}: {failed.reason}")
     if view.last_stripe_refusal is not None:
         refusal = view.last_stripe_refusal
-        print(f"    last Stripe refusal: {refusal.action} of {refusal.subscription_id}: {refusal.message}")
+        print(
+            f"    last Stripe refusal at {iso(refusal.at)}: {refusal.action} of {refusal.subscription_id}: "
+            f"{refusal.message}"
+        )
     print(f"    events applied: {view.events_applied}, queued: {view.queued}")
     for recent in view.recent_events[-5:]:
-        print(f"    recent: {recent.type} {recent.id}: {recent.outcome}")
+        # An operator action's id is made of its type and epoch seconds: the time says it better.
+        source = "" if recent.id.startswith("operator:") else f" {recent.id}"
+        print(f"    recent: {recent.type}{source} at {iso(recent.created)}: {recent.outcome}")
 
 
-async def _operator(args: argparse.Namespace, settings: Settings, signal: str) -> int:
-    """Signal-with-start the org workflow with an operator action; wait until it is applied; print state."""
+OPERATOR_TIMEOUT_SECONDS = 60.0
+
+
+async def _operator(args: argparse.Namespace, settings: Settings, action: str) -> int:
+    """Update-with-start the org workflow with an operator action; print the state once it is enforced.
+
+    The update returns only after the billing row and the quota flags are committed, so when this
+    prints, the gateway already answers accordingly. After an unblock, any flag that still refuses the
+    org's writes (a free plan over its limit) is named.
+    """
     from billing.models_billing import OperatorRequest
-    from billing.org_billing import query_org_billing_state, signal_org_billing
+    from billing.org_billing import operator_update
     from billing.services import open_services
     from billing.sql import query
 
@@ -208,34 +266,44 @@ async def _operator(args: argparse.Namespace, settings: Settings, signal: str) -
             row = await (await conn.execute(query("org_exists"), {"org_id": args.org_id})).fetchone()
         if not row or not row["found"]:
             raise UserError(f"organization {args.org_id} does not exist")
-        await signal_org_billing(services.client, settings.task_queue, args.org_id, signal, request)
-        view = None
-        for _ in range(150):  # up to ~30 s for a worker to apply it
-            view = await query_org_billing_state(services.client, args.org_id)
-            if view is not None and request.request_id in view.operator_request_ids:
-                break
-            await asyncio.sleep(0.2)
-        else:
-            raise UserError(
-                f"{signal} was recorded in org-billing/{args.org_id} but not applied within 30 s; "
-                f"is a worker running on task queue {settings.task_queue!r}?"
+        try:
+            view = await asyncio.wait_for(
+                operator_update(services.client, settings.task_queue, args.org_id, action, request),
+                OPERATOR_TIMEOUT_SECONDS,
             )
+        except TimeoutError:
+            raise UserError(
+                f"{action} of org {args.org_id} not confirmed within {OPERATOR_TIMEOUT_SECONDS:.0f} s, so it "
+                f"may not be enforced yet; is a worker running on task queue {settings.task_queue!r}? "
+                "Run the command again (it applies once) or check `billing status`"
+            ) from None
+        async with services.pool.connection() as conn:
+            cursor = await conn.execute(query("org_flagged_projects"), {"org_id": args.org_id})
+            flags = await cursor.fetchall()
+    still = sorted({f"{flag['tag']} ({flag['reason']})" for flag in flags})
     if args.json:
         print(view.model_dump_json(indent=2))
     else:
-        print(f"{signal.replace('_', ' ')} applied to org {args.org_id}")
+        print(
+            f"operator {action} applied to org {args.org_id} and enforced (billing row and quota flags written)"
+        )
+        if action == "unblock" and still:
+            remain = verb(len(flags), "remains", "remain")
+            print(f"  still refused: {plural(len(flags), 'project flag')} {remain}: {', '.join(still)}")
         _print_payment_state(view)
+    if action == "unblock" and still and args.json:
+        print(f"billing: note: still refused: {', '.join(still)}", file=sys.stderr)
     return 0
 
 
 async def cmd_block(args: argparse.Namespace, settings: Settings) -> int:
-    """Block an org (every project flagged) until an operator unblocks it."""
-    return await _operator(args, settings, "operator_block")
+    """Block an org (every project flagged) until an operator unblocks it; returns once enforced."""
+    return await _operator(args, settings, "block")
 
 
 async def cmd_unblock(args: argparse.Namespace, settings: Settings) -> int:
-    """Lift an operator block and every open metered failure of an org."""
-    return await _operator(args, settings, "operator_unblock")
+    """Lift an operator block and every open metered failure of an org; returns once enforced."""
+    return await _operator(args, settings, "unblock")
 
 
 async def _clock_now(settings: Settings) -> datetime:
@@ -299,7 +367,8 @@ async def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
         raise UserError(f"{outcome.workflow_id} failed: {exc.cause or exc}") from None
     verdict = "done" if reset.claimed else "already done"
     text = f"{outcome.workflow_id}: {verdict}{rerun}" + (
-        f"; closed {reset.closed_month} ({reset.tags_closed} meters), {reset.flags} quota flags"
+        f"; closed {reset.closed_month} ({plural(reset.tags_closed, 'meter')}), "
+        f"{plural(reset.flags, 'quota flag')}"
         if reset.claimed
         else ""
     )
@@ -351,6 +420,9 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     pool = await open_pool(settings.require_database_url(), max_size=2)
     try:
         report = await reconcile(pool, stripe_client, args.org_id, args.month)
+    except stripe.APIConnectionError:
+        base = settings.stripe_api_base or "https://api.stripe.com"
+        raise UserError(f"cannot reach Stripe at {base}; check the network or STRIPE_API_BASE") from None
     except stripe.StripeError as exc:
         raise UserError(
             f"Stripe answered {exc.http_status or 'nothing'}: {exc.user_message or exc}"
@@ -362,7 +434,13 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         for meter in data["meters"]:
             for key in ("ledger", "stripe", "difference"):
                 meter[key] = _number(meter[key])
-        print(json.dumps({**data, "matches": report.matches}, indent=2))
+        print(
+            json.dumps(
+                {**data, "unsettled_units": report.unsettled_units, "matches": report.matches},
+                indent=2,
+                default=str,
+            )
+        )
         return 0 if report.matches else 1
     print(
         f"org {report.org_id}, customer {report.stripe_customer_id}, {report.month} (ledger = sent reports)"
@@ -374,21 +452,35 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
             f"  {meter.event_name:<22} {meter.ledger:>14,} {meter.stripe:>14,} {meter.difference:>+12,}{note}"
         )
     differing = sum(1 for meter in report.meters if meter.difference != 0)
-    print("all meters match" if not differing else f"{differing} meter(s) differ")
+    print(
+        "all meters match"
+        if not differing
+        else f"{plural(differing, 'meter')} {verb(differing, 'differs', 'differ')}"
+    )
+    if report.queued:
+        states = ", ".join(f"{q.state} {q.quantity:,} ({q.reports})" for q in report.queued)
+        print(f"  queued for {report.month}: {states}")
+    if report.unsettled_units:
+        unsettled = report.unsettled_units
+        print(f"  {plural(unsettled, 'queued unit')} {verb(unsettled, 'is', 'are')} neither sent nor voided")
+    for row in report.uncertain:
+        print(
+            f"  uncertain {row['identifier']} ({row['tag']}, {row['month']}, {row['quantity']:,}): "
+            "counted by Stripe? `billing report-mark-sent`; missing? `billing report-resend`"
+        )
+    for error in report.meter_errors:
+        print(f"  Stripe meter error {error['event_id']} ({error['code']}): {error['message']}")
     return 0 if report.matches else 1
 
 
 async def cmd_report_pending(args: argparse.Namespace, settings: Settings) -> int:
     """Start stripe-report workflows now for orgs with pending reports (else the hourly job does)."""
-    from datetime import UTC, datetime
-
-    from billing.errors import ConfigError
+    from billing.clock import utcnow
     from billing.reporting import start_stripe_reports
     from billing.services import open_services
     from billing.sql import query
 
-    if settings.stripe_api_key is None:
-        raise ConfigError("STRIPE_API_KEY", "not set: reports stay pending until the workers have a key")
+    # No check of this shell's STRIPE_API_KEY: the workers send, and only their key matters (below).
     async with open_services(settings, pool_size=2) as services:
         org_ids: list[str] = []
         cursor: str | None = None
@@ -406,13 +498,170 @@ async def cmd_report_pending(args: argparse.Namespace, settings: Settings) -> in
                 cursor = rows[-1]["org_id"]
         if args.org_id:
             org_ids = [org_id for org_id in org_ids if org_id == args.org_id]
-        starts = await start_stripe_reports(services.client, settings.task_queue, org_ids, datetime.now(UTC))
+        starts = await start_stripe_reports(services.client, settings.task_queue, org_ids, utcnow())
+        if starts.workflow_ids:
+            await _refuse_if_workers_have_no_key(services.client, starts.workflow_ids[0])
     result = {"orgs": len(org_ids), "started": starts.started, "already_running": starts.already_running}
     text = (
-        f"reports for {len(org_ids)} orgs with pending rows: {starts.started} started, "
+        f"reports for {plural(len(org_ids), 'org')} with pending rows: {starts.started} started, "
         f"{starts.already_running} already running"
     )
     _print({**result, "workflow_ids": starts.workflow_ids}, args.json, text)
+    return 0
+
+
+async def _refuse_if_workers_have_no_key(client: Any, workflow_id: str) -> None:
+    """UserError when the workers that run the reports have no STRIPE_API_KEY (nothing will be sent).
+
+    Whether they have one is known only to them: a report run without a key completes at once saying
+    so, so wait briefly for the first one; a run still busy after that is sending.
+    """
+    from billing.models_stripe import StripeReportResult
+
+    handle = client.get_workflow_handle(workflow_id, result_type=StripeReportResult)
+    try:
+        result = await asyncio.wait_for(handle.result(), 10)
+    except Exception:
+        return  # still running (sending), or ended some other way the UI shows: not this question
+    if not result.stripe_configured:
+        raise UserError(
+            f"nothing will be sent: the workers have no STRIPE_API_KEY, so {plural(result.pending, 'report')} "
+            f"{verb(result.pending, 'stays', 'stay')} pending (none lost); set STRIPE_API_KEY where the "
+            "workers run (the `make dev` shell) and restart them"
+        )
+
+
+async def cmd_system(args: argparse.Namespace, settings: Settings) -> int:
+    """Sizes of what retention keeps: staged batches and their rows, recorded webhook events."""
+    from datetime import UTC
+
+    from billing.db import open_pool
+    from billing.sql import query
+
+    retention = settings.retention
+    pool = await open_pool(settings.require_database_url(), max_size=1)
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(
+                query("retention_sizes"), {"retention_seconds": retention.total_seconds()}
+            )
+            sizes = await cursor.fetchone()
+    finally:
+        await pool.close()
+    assert sizes is not None
+    days = retention.total_seconds() / 86400
+    data = {"retention_days": days, **sizes}
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    print(f"retention: {days:g} days (BILLING_RETENTION), purged daily by the retention-daily schedule")
+    oldest = sizes["oldest_batch"]
+    print(
+        f"  staged batches: {sizes['batches']:,} ({sizes['batch_rows']:,} rows, "
+        f"{sizes['batch_rejections']:,} rejections, {sizes['batch_bytes'] / 1048576:,.1f} MiB), "
+        f"oldest {oldest.astimezone(UTC):%Y-%m-%d %H:%M} UTC, {sizes['batches_expired']:,} past the retention"
+        if oldest
+        else "  staged batches: none"
+    )
+    oldest = sizes["oldest_webhook_event"]
+    print(
+        f"  webhook events: {sizes['webhook_events']:,} ({sizes['webhook_event_bytes'] / 1048576:,.1f} MiB), "
+        f"oldest {oldest.astimezone(UTC):%Y-%m-%d %H:%M} UTC, {sizes['webhook_events_expired']:,} processed and past the retention"
+        if oldest
+        else "  webhook events: none"
+    )
+    return 0
+
+
+def _limit(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 1000, got {value!r}")
+    return int(value)
+
+
+async def cmd_overview(args: argparse.Namespace, settings: Settings) -> int:
+    """Orgs blocked and past due, the outbox, this month's resets, webhook and notification backlogs."""
+    from billing.db import open_pool
+    from billing.overview import load_overview, overview_text
+
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
+        view = await load_overview(pool)
+    finally:
+        await pool.close()
+    _print(view, args.json, overview_text(view))
+    return 0
+
+
+async def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
+    """An org's notifications to the product, newest first, with their delivery state."""
+    from billing.db import open_pool
+    from billing.notifications import delivery_configured, org_notifications
+    from billing.overview import notifications_text
+    from billing.sql import query
+
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
+        async with pool.connection() as conn:
+            exists = await (await conn.execute(query("org_exists"), {"org_id": args.org_id})).fetchone()
+        if not exists or not exists["found"]:
+            raise UserError(f"organization {args.org_id} does not exist")
+        rows = await org_notifications(pool, args.org_id, args.limit)
+    finally:
+        await pool.close()
+    _print(rows, args.json, notifications_text(args.org_id, rows, delivery_configured(settings)))
+    return 0
+
+
+async def cmd_report_act(args: argparse.Namespace, settings: Settings) -> int:
+    """Void, mark sent or send again named Stripe report rows of an org (recorded: who, when, why)."""
+    from billing.db import open_pool
+    from billing.report_ops import act_on_rows
+
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
+        acted = await act_on_rows(
+            pool, args.org_id, args.identifiers, args.action, actor=args.by, reason=args.reason
+        )
+    finally:
+        await pool.close()
+    done = {"void": "voided", "mark_sent": "marked sent", "resend": "queued to send again"}[args.action]
+    lines = [
+        f"{row.identifier} {done}" + (f" as {row.new_identifier}" if row.new_identifier else "") for row in acted
+    ]
+    _print({"action": args.action, "rows": [row.model_dump() for row in acted]}, args.json, "\n".join(lines))
+    return 0
+
+
+async def cmd_report_list(args: argparse.Namespace, settings: Settings) -> int:
+    """List an org's Stripe report rows that are not settled (and the month's rows with --month)."""
+    from billing.db import open_pool
+    from billing.months import parse_month
+    from billing.sql import query
+
+    pool = await open_pool(settings.require_database_url(), max_size=2)
+    try:
+        async with pool.connection() as conn:
+            params = {"org_id": args.org_id, "month": parse_month(args.month) if args.month else None}
+            rows = await (await conn.execute(query("report_rows_of_org"), params)).fetchall()
+            actions = await (
+                await conn.execute(query("report_actions_of_org"), {"org_id": args.org_id, "limit": 20})
+            ).fetchall()
+    finally:
+        await pool.close()
+    if args.json:
+        print(json.dumps({"rows": rows, "actions": actions}, indent=2, default=str))
+        return 0
+    for row in rows:
+        late = " (sent late)" if row["sent_late"] else ""
+        why = f": {row['status_reason']}" if row["status_reason"] else ""
+        print(f"{row['identifier']}  {row['tag']}  {row['month']}  {row['quantity']:,}  {row['status']}{late}{why}")
+    for action in actions:
+        new = f" -> {action['new_identifier']}" if action["new_identifier"] else ""
+        print(
+            f"{iso(action['at'])} {action['actor']} {action['action']} {action['old_identifier']}{new}"
+            f" ({action['from_status']}): {action['reason']}"
+        )
     return 0
 
 
@@ -441,6 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument(
         "--ui-port", type=int, default=8233, help="embedded Temporal Web UI's port (default 8233)"
+    )
+    dev.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when the parent process ends (`make dev` uses it, so make never leaves it behind)",
     )
     add("worker", cmd_worker, "run a Temporal worker on BILLING_TASK_QUEUE")
     add("api", cmd_api, "serve the HTTP API on BILLING_HTTP_ADDR")
@@ -485,11 +739,45 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--month", type=_month, required=True, help="the month to compare, YYYY-MM")
     reconcile.add_argument("--json", action="store_true", help="print JSON")
 
+    system = add("system", cmd_system, "show what retention keeps: staged batches, webhook events, sizes")
+    system.add_argument("--json", action="store_true", help="print JSON")
+
+    overview = add(
+        "overview",
+        cmd_overview,
+        "orgs blocked/past due, Stripe outbox, resets, webhook and notification backlogs",
+    )
+    overview.add_argument("--json", action="store_true", help="print JSON")
+
+    notifications = add("notifications", cmd_notifications, "list an org's notifications and their delivery")
+    notifications.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+    notifications.add_argument("--limit", type=_limit, default=50, help="how many, newest first (default 50)")
+    notifications.add_argument("--json", action="store_true", help="print JSON")
+
     pending = add(
         "report-pending", cmd_report_pending, "start Stripe reports now for orgs with pending reports"
     )
     pending.add_argument("--org", dest="org_id", type=_org_id, metavar="ORG_ID", help="only this org")
     pending.add_argument("--json", action="store_true", help="print JSON")
+
+    listing = add("report-list", cmd_report_list, "list an org's unsettled Stripe report rows and operator acts")
+    listing.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+    listing.add_argument("--month", type=_month, help="also the month's settled rows, YYYY-MM")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    for name, action, text in (
+        ("report-void", "void", "write off pending, failed or uncertain report rows (never sent)"),
+        ("report-mark-sent", "mark_sent", "settle uncertain rows Stripe counted (see billing reconcile)"),
+        ("report-resend", "resend", "send failed or uncertain rows again under a new identifier"),
+    ):
+        command = add(name, cmd_report_act, text)
+        command.set_defaults(action=action)
+        command.add_argument("org_id", type=_org_id, metavar="ORG_ID")
+        command.add_argument("identifiers", nargs="+", metavar="IDENTIFIER", help="the rows' identifiers")
+        command.add_argument("--reason", type=_reason, required=True, help="why (recorded with the act)")
+        command.add_argument(
+            "--by", type=_reason, default=_os_user(), help="who acts (default: the OS user; recorded)"
+        )
+        command.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -498,6 +786,16 @@ def _uvloop_run(coro: Any) -> Any:
     import uvloop
 
     return uvloop.run(coro)
+
+
+def _os_user() -> str:
+    """The default actor of an operator command: the OS user name."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -509,10 +807,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         runner = _uvloop_run if args.handler is cmd_api else asyncio.run
         return runner(args.handler(args, settings))
     except UserError as exc:
-        print(f"billing: error: {exc}", file=sys.stderr)
+        # One line, whatever the message's source put in it (Stripe's messages have several).
+        print(f"billing: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `billing status ORG | head -3`: the reader has what it wanted; end quietly, like `cat`.
+        _discard_stdout()
+        return 0
     except Exception as exc:
         if os.environ.get("BILLING_DEBUG"):
             traceback.print_exc()
@@ -523,10 +826,20 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered for a closed pipe is silent."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point."""
     code = run(argv)
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
     sys.stderr.flush()
     # The Temporal SDK's native runtime can abort in interpreter finalisation; nothing is left to
     # flush or close here, so leave without running it.

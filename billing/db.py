@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -27,17 +29,24 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
     await conn.commit()
 
 
-async def open_pool(url: str, *, setting: str = "DATABASE_URL", max_size: int = 10) -> AsyncConnectionPool:
-    """Open a pool and prove the server answers; ConfigError naming ``setting`` if it does not."""
+async def open_pool(
+    url: str,
+    *,
+    setting: str = "DATABASE_URL",
+    max_size: int = 10,
+    check: Callable[[psycopg.AsyncConnection], Awaitable[None]] | None = None,
+) -> AsyncConnectionPool:
+    """Open a pool and prove the server answers; ConfigError naming ``setting`` if it does not.
+
+    ``check`` runs on every connection as it is handed out (a hook: the tests' clock uses it).
+    """
     # One plain connection first: it fails fast with the server's own message, where the pool would
     # retry in the background and log every attempt.
     try:
         probe = await psycopg.AsyncConnection.connect(url, connect_timeout=10)
         await probe.close()
     except psycopg.Error as exc:
-        raise ConfigError(
-            setting, f"PostgreSQL at {describe_url(url)} does not answer ({_first_line(exc)})"
-        ) from None
+        raise unreachable(setting, url, exc) from None
     pool = AsyncConnectionPool(
         url,
         min_size=1,
@@ -45,6 +54,7 @@ async def open_pool(url: str, *, setting: str = "DATABASE_URL", max_size: int = 
         open=False,
         kwargs={"row_factory": dict_row},
         configure=_configure,
+        check=check,
         timeout=10,
     )
     try:
@@ -60,9 +70,25 @@ def check_connect(url: str, *, setting: str = "DATABASE_URL") -> psycopg.Connect
     try:
         return psycopg.connect(url, connect_timeout=10, row_factory=dict_row)
     except psycopg.Error as exc:
-        raise ConfigError(
-            setting, f"PostgreSQL at {describe_url(url)} does not answer ({_first_line(exc)})"
-        ) from None
+        raise unreachable(setting, url, exc) from None
+
+
+# What libpq says when nothing listens there (as opposed to a server that answers and refuses).
+_NOBODY_THERE = ("connection refused", "no such file or directory", "timeout expired", "could not translate")
+
+
+def unreachable(setting: str, url: str, exc: Exception) -> ConfigError:
+    """One line for a failed connection, pointing to the likely fix.
+
+    Nobody listening at the dev stack's address usually means `make dev` is not running; a server
+    that answers and refuses (authentication, unknown database) gets its own reason instead.
+    """
+    reason = _first_line(exc).rsplit(" failed: ", 1)[-1].strip()
+    where = describe_url(url)
+    if any(marker in reason.lower() for marker in _NOBODY_THERE):
+        hint = " — is `make dev` running?" if setting == "DATABASE_URL" else ""
+        return ConfigError(setting, f"cannot reach PostgreSQL at {where} ({reason}){hint}")
+    return ConfigError(setting, f"PostgreSQL at {where} refused the connection ({reason})")
 
 
 def _first_line(exc: Exception) -> str:

@@ -29,7 +29,7 @@ MAX_REASON_LENGTH = 500
 
 
 class OperatorRequest(Model):
-    """`billing block` / `billing unblock`: why, and an id the CLI waits for in the `state` query."""
+    """`billing block` / `billing unblock`: why, and an id that makes a retried update apply once."""
 
     reason: str = Field(min_length=1, max_length=MAX_REASON_LENGTH, pattern=r"\S")
     request_id: str = Field(default="", max_length=100)
@@ -113,6 +113,7 @@ class OrgBillingRow(Model):
     subscription_id: str | None = None
     payment_status: PaymentStatus = "ok"
     payment_status_reason: str | None = None
+    stripe_customer_id: str | None = None
 
 
 BILLING_COLUMNS = (
@@ -142,6 +143,11 @@ class SyncOrgBillingInput(Model):
     columns: list[str] = list(BILLING_COLUMNS)
     recompute_quota: bool
     month: str = Field(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")
+    stripe_customer_id: str | None = Field(
+        default=None,
+        description="a Stripe customer learned from an event: recorded only if the org has none "
+        "(and no other org has it); a recorded customer is never re-pointed",
+    )
 
 
 class SyncOrgBillingResult(Model):

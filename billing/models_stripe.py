@@ -21,9 +21,11 @@ class ReportTuning(Model):
     # A worker that dies mid-page is noticed after this long without a heartbeat, and the page is
     # retried elsewhere; the activity heartbeats in the background every third of it.
     heartbeat_timeout_seconds: float = Field(default=30.0, gt=0)
-    # Rows sent per activity (one PostgreSQL transaction): a crash resends at most this many rows,
-    # each deduplicated by Stripe through its identifier.
+    # Rows claimed per activity (one short claim transaction, then one record transaction per row).
     page_size: int = Field(default=100, ge=1, le=1000)
+    # A claim's lease, renewed by every recorded outcome: rows of a worker that died are claimed again
+    # (same identifier) once it expires. Well above one Stripe call's 20 s timeout.
+    lease_seconds: float = Field(default=120.0, gt=0)
 
 
 class StorageOverageInput(Model):
@@ -119,23 +121,28 @@ class StripeReportResult(Model):
     pending: int
     stripe_configured: bool
     outcome: str
+    uncertain: int = 0
 
 
 class SendReportsInput(Model):
-    """Send one page of ``org_id``'s pending rows (one transaction)."""
+    """Claim, send and record one page of ``org_id``'s oldest rows."""
 
     org_id: str
     page_size: int = Field(default=100, ge=1, le=1000)
+    lease_seconds: float = Field(default=120.0, gt=0)
 
 
 class SendReportsResult(Model):
-    """One page's outcome. ``more`` says pending rows remain; ``failures`` are Stripe's refusals."""
+    """One page's outcome. ``more`` says pending rows remain; ``failures`` are Stripe's refusals;
+    ``skip_reason`` is why pending rows wait (e.g. "waiting for a Stripe customer"); ``skipped`` is
+    always 0 (no row is ever skipped any more; kept for recorded histories)."""
 
     sent: int = 0
     deduplicated: int = 0
     failed: int = 0
     skipped: int = 0
     pending: int = 0
+    uncertain: int = 0
     more: bool = False
     stripe_configured: bool = True
     skip_reason: str | None = None

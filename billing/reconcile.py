@@ -1,8 +1,15 @@
-"""``billing reconcile ORG --month YYYY-MM``: the outbox's sent totals against Stripe's meter summaries.
+"""``billing reconcile ORG --month YYYY-MM``: every queued unit of the month accounted for, and the
+outbox's sent totals against Stripe's meter summaries.
 
-For each meter, the sum of the org's ``sent`` outbox rows whose event timestamp lies in the month is
-compared with Stripe's aggregated value of the customer's meter events over the same timestamps
-(``GET /v1/billing/meters/{id}/event_summaries``). Zero difference everywhere is what exactly-once means.
+1. Queued units: every unit of overage queued for the month, by state. Each must be sent (inside the
+   month, or sent late: stamped at send time) or voided by an operator; any other (pending, waiting for
+   a customer, sending, uncertain, failed) makes reconcile fail.
+2. For each meter, the sum of the org's ``sent`` rows whose sent timestamp lies in the month is compared
+   with Stripe's aggregated value over the same timestamps (``event_summaries``). Uncertain rows (past
+   the horizon without a settled answer) are listed apart: a difference equal to them says Stripe
+   counted them (``billing report-mark-sent``); none says they are missing (``billing report-resend``).
+   Stripe's meter error notifications for the org are listed when totals differ.
+
 Real Stripe aggregates asynchronously, so events sent in the last few minutes may not show yet.
 """
 
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import stripe
 from psycopg_pool import AsyncConnectionPool
@@ -18,6 +26,9 @@ from pydantic import BaseModel
 from billing.errors import UserError
 from billing.months import parse_month
 from billing.sql import query
+
+# A queued unit is accounted for once Stripe has it or an operator wrote it off.
+SETTLED_STATES = frozenset({"sent", "sent_late", "voided"})
 
 
 class MeterDifference(BaseModel):
@@ -32,18 +43,36 @@ class MeterDifference(BaseModel):
     note: str | None = None
 
 
+class QueuedUnits(BaseModel):
+    """Units of the month's queued overage in one state."""
+
+    state: str
+    reports: int
+    quantity: int
+
+
 class ReconcileReport(BaseModel):
-    """The comparison of one org and month; ``matches`` is true when every difference is zero."""
+    """The comparison of one org and month; ``matches`` is true when every difference is zero and every
+    queued unit is sent or voided."""
 
     org_id: str
     month: str
     stripe_customer_id: str
     meters: list[MeterDifference]
+    queued: list[QueuedUnits] = []
+    uncertain: list[dict[str, Any]] = []
+    meter_errors: list[dict[str, Any]] = []
+
+    @property
+    def unsettled_units(self) -> int:
+        """Queued units of the month neither sent nor voided by an operator."""
+        return sum(q.quantity for q in self.queued if q.state not in SETTLED_STATES)
 
     @property
     def matches(self) -> bool:
-        """Whether Stripe counted exactly what the ledger sent, for every meter."""
-        return all(meter.difference == 0 for meter in self.meters)
+        """Whether Stripe counted exactly what the ledger sent, for every meter, and nothing queued is
+        left unsettled."""
+        return all(meter.difference == 0 for meter in self.meters) and self.unsettled_units == 0
 
 
 def month_bounds(month: str) -> tuple[datetime, datetime]:
@@ -68,6 +97,10 @@ async def reconcile(
         ledger = await (
             await conn.execute(query("reconcile_sent_totals"), {"org_id": org_id, "start": start, "end": end})
         ).fetchall()
+        params = {"org_id": org_id, "month": parse_month(month)}
+        queued = await (await conn.execute(query("reconcile_queued_units"), params)).fetchall()
+        uncertain = await (await conn.execute(query("reconcile_uncertain_rows"), params)).fetchall()
+        errors = await (await conn.execute(query("meter_errors_of_org"), params)).fetchall()
     customer = billing["stripe_customer_id"]
     meter_ids = await _meter_ids(stripe_client)
     meters = []
@@ -91,7 +124,17 @@ async def reconcile(
                 note=note,
             )
         )
-    return ReconcileReport(org_id=org_id, month=month, stripe_customer_id=customer, meters=meters)
+    differs = any(meter.difference != 0 for meter in meters)
+    return ReconcileReport(
+        org_id=org_id,
+        month=month,
+        stripe_customer_id=customer,
+        meters=meters,
+        queued=[QueuedUnits(**row) for row in queued],
+        uncertain=[dict(row) for row in uncertain],
+        # Stripe's asynchronous meter errors explain a difference; shown when there is one.
+        meter_errors=[dict(row) for row in errors if not row["unmatched"]] if differs else [],
+    )
 
 
 async def _meter_ids(stripe_client: stripe.StripeClient) -> dict[str, str]:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from temporalio.common import (
     SearchAttributePair,
@@ -26,7 +27,12 @@ from billing.hours import hour_key
 from billing.ids import stripe_report_id
 from billing.models_stripe import ReportTuning, StripeReportInput
 from billing.months import month_key
+from billing.sql import query
+from billing.telemetry import STRIPE_OUTBOX, STRIPE_OUTBOX_UNITS
 from billing.temporal import MONTH, ORG_ID
+
+# The outbox states /metrics shows (billing_stripe_outbox_rows / _units), rows waiting for a customer apart.
+OUTBOX_STATES = ("pending", "waiting_for_customer", "sending", "uncertain", "failed")
 
 # The signal a start sends to a running report: "more rows may be pending, drain again before ending".
 ROWS_QUEUED_SIGNAL = "rows_queued"
@@ -79,3 +85,13 @@ async def start_stripe_reports(
     outcomes = await asyncio.gather(*(start(org_id) for org_id in dict.fromkeys(org_ids)))
     started = sum(1 for _, was_started in outcomes if was_started)
     return ReportStarts([wid for wid, _ in outcomes], started, len(outcomes) - started)
+
+
+async def refresh_outbox_gauges(pool: AsyncConnectionPool) -> None:
+    """Set ``billing_stripe_outbox_rows`` and ``_units`` per state from PostgreSQL (one small query)."""
+    async with pool.connection() as conn:
+        totals = await (await conn.execute(query("report_state_totals"))).fetchall()
+    for state in OUTBOX_STATES:
+        found = next((t for t in totals if t["state"] == state), None)
+        STRIPE_OUTBOX.labels(state).set(found["reports"] if found else 0)
+        STRIPE_OUTBOX_UNITS.labels(state).set(found["quantity"] if found else 0)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 from temporalio.client import Client
 
+from billing.humanize import plural, verb
 from billing.models_billing import OrgBillingView
 from billing.months import parse_month
 from billing.sql import query
@@ -26,7 +28,8 @@ class MeterUsage(BaseModel):
 
 
 class ReportCount(BaseModel):
-    """Stripe reports of one status not yet sent."""
+    """Queued Stripe overage of one state: pending, waiting_for_customer, sending, sent, sent_late,
+    uncertain, failed or voided."""
 
     status: str
     reports: int
@@ -60,7 +63,13 @@ class OrgStatus(BaseModel):
     flagged_projects: list[dict[str, str]]
     stripe_reports: list[ReportCount]
     stripe_reporting: str
+    # Stripe's asynchronous meter errors: the org's own, and recent ones no org could be matched to.
+    stripe_meter_errors: list[dict[str, Any]] = []
+    # The newest operator acts on the org's report rows (void, mark sent, resend): who, when, why.
+    stripe_report_actions: list[dict[str, Any]] = []
     recent_resets: list[str]
+    # Recent Stripe events recorded but not applied on purpose (mismatch, ignored), with why.
+    webhook_events_not_applied: list[dict[str, str]] = []
     workflows: list[WorkflowSummary] = []
     # The org-billing workflow's `state` query, when that workflow exists and answers.
     payment_state: OrgBillingView | None = None
@@ -81,11 +90,16 @@ async def load_org_status(
         flags = await (await conn.execute(query("org_flagged_projects"), params)).fetchall()
         reports = await (await conn.execute(query("org_report_counts"), params)).fetchall()
         resets = await (await conn.execute(query("org_resets"), params)).fetchall()
+        not_applied = await (await conn.execute(query("org_webhook_problems"), params)).fetchall()
+        meter_errors = await (await conn.execute(query("meter_errors_of_org"), params)).fetchall()
+        actions = await (
+            await conn.execute(query("report_actions_of_org"), {**params, "limit": 10})
+        ).fetchall()
     pending = sum(r["reports"] for r in reports if r["status"] == "pending")
     if not stripe_configured and pending:
         reporting = (
-            f"STRIPE_API_KEY is not set: {pending} report{'s' if pending != 1 else ''} "
-            "wait in the outbox as pending, none lost"
+            f"STRIPE_API_KEY is not set: {plural(pending, 'report')} "
+            f"{verb(pending, 'waits', 'wait')} in the outbox as pending, none lost"
         )
     elif not stripe_configured:
         reporting = "STRIPE_API_KEY is not set: overage will wait in the outbox until it is"
@@ -98,7 +112,13 @@ async def load_org_status(
         flagged_projects=[dict(row) for row in flags],
         stripe_reports=[ReportCount(**row) for row in reports],
         stripe_reporting=reporting,
+        stripe_meter_errors=[dict(row) for row in meter_errors],
+        stripe_report_actions=[dict(row) for row in actions],
         recent_resets=[row["month"] for row in resets],
+        webhook_events_not_applied=[
+            {key: str(row[key]) for key in ("event_id", "event_type", "status", "detail")}
+            for row in not_applied
+        ],
     )
 
 

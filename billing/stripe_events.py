@@ -90,6 +90,7 @@ class BillingEvent(BaseModel):
     organization_id: str | None = Field(
         default=None, description="hint from the subscription's metadata `organization_id`"
     )
+    livemode: bool | None = Field(default=None, description="the event's `livemode` (None if absent)")
 
     # Invoices.
     billing_reason: str | None = None
@@ -200,6 +201,7 @@ def parse_event(event: dict[str, Any]) -> BillingEvent | None:
         "created": created,
         "object_id": object_id,
         "customer_id": _id_of(obj.get("customer")),
+        "livemode": livemode if isinstance(livemode := event.get("livemode"), bool) else None,
     }
     warnings: list[str] = []
     if event_type in INVOICE_EVENT_TYPES:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter(
     "billing_http_requests_total", "HTTP requests answered", ["method", "route", "status"]
@@ -35,3 +35,27 @@ def tracer_provider() -> TracerProvider:
 def tracer() -> trace.Tracer:
     """The tracer of the billing service."""
     return tracer_provider().get_tracer("billing")
+STRIPE_REPORT_FAILURES = Counter(
+    "billing_stripe_report_failures_total",
+    "Outbox rows Stripe refused for their own fault (state failed), by Stripe's error code",
+    ["reason"],
+)
+STRIPE_CONFIG_REFUSALS = Counter(
+    "billing_stripe_configuration_refusals_total",
+    "ALERT: Stripe refused a meter event for a configuration reason (no such or inactive meter, unknown "
+    "event name, customer mapping); the rows stay pending and are retried",
+    ["reason"],
+)
+STRIPE_METER_ERRORS = Counter(
+    "billing_stripe_meter_errors_total", "Stripe meter error event notifications received", ["type"]
+)
+STRIPE_OUTBOX = Gauge(
+    "billing_stripe_outbox_rows",
+    "Outbox rows by state (pending, waiting_for_customer, sending, uncertain, failed), as of the last "
+    "hourly storage-overage run or report page",
+    ["state"],
+)
+STRIPE_OUTBOX_UNITS = Gauge(
+    "billing_stripe_outbox_units", "Units of overage in the outbox by state (see billing_stripe_outbox_rows)",
+    ["state"],
+)

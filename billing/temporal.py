@@ -28,11 +28,12 @@ from temporalio.common import (
 )
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.runtime import Runtime
 
 from billing.config import Settings
 from billing.errors import ConfigError
 from billing.ids import monthly_reset_id
-from billing.models import MonthlyCloseInput, MonthlyResetInput
+from billing.models import MonthlyCloseInput, MonthlyResetInput, RetentionInput
 from billing.months import current_month, parse_month
 
 ORG_ID = SearchAttributeKey.for_keyword("BillingOrgId")
@@ -41,21 +42,38 @@ PAYMENT_STATUS = SearchAttributeKey.for_keyword("PaymentStatus")
 SEARCH_ATTRIBUTES = (ORG_ID, MONTH, PAYMENT_STATUS)
 
 
-async def connect(settings: Settings, *, wait_seconds: float = 10.0) -> Client:
-    """A client with the pydantic data converter; ConfigError naming TEMPORAL_ADDRESS if unreachable."""
+async def connect(
+    settings: Settings, *, wait_seconds: float = 10.0, runtime: Runtime | None = None
+) -> Client:
+    """A client with the pydantic data converter; ConfigError naming TEMPORAL_ADDRESS if unreachable.
+
+    It carries the OpenTelemetry tracing interceptor (so do the workers built from it); ``runtime``
+    is a Temporal runtime of its own, e.g. one that serves the SDK's metrics (billing.metrics).
+    """
+    from billing.tracing import tracing_interceptor
+
     try:
         return await asyncio.wait_for(
             Client.connect(
                 settings.temporal_address,
                 namespace=settings.temporal_namespace,
                 data_converter=pydantic_data_converter,
+                interceptors=[tracing_interceptor()],
+                runtime=runtime,
             ),
             wait_seconds,
         )
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "timed out"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        # The SDK's transport errors (`tonic::transport::Error(Transport, ConnectError(...))`) and a
+        # timeout both mean nobody answers there: say that, and what usually fixes it.
+        if not reason or "transport" in reason.lower() or "connect" in reason.lower():
+            raise ConfigError(
+                "TEMPORAL_ADDRESS",
+                f"cannot reach Temporal at {settings.temporal_address} — is `make dev` running?",
+            ) from None
         raise ConfigError(
-            "TEMPORAL_ADDRESS", f"Temporal at {settings.temporal_address} does not answer ({reason})"
+            "TEMPORAL_ADDRESS", f"Temporal at {settings.temporal_address} refused the connection ({reason})"
         ) from None
 
 
@@ -76,7 +94,7 @@ async def register_search_attributes(client: Client, namespace: str) -> list[str
 
 @dataclass(frozen=True)
 class ScheduledJob:
-    """One of the three schedules of the contract."""
+    """One of the schedules of the contract."""
 
     schedule_id: str
     workflow: str
@@ -88,6 +106,7 @@ class ScheduledJob:
 
 def scheduled_jobs() -> list[ScheduledJob]:
     """The contract's schedules. Temporal appends the fire time to each workflow ID."""
+    from billing.models_notify import DispatchInput
     from billing.models_stripe import StorageOverageInput
     from billing.models_sync import PullSyncInput
 
@@ -115,6 +134,22 @@ def scheduled_jobs() -> list[ScheduledJob]:
             "10 0 1 * *",
             MonthlyCloseInput(),
             "Start monthly-reset/{org}/{month} for every org with usage last month",
+        ),
+        ScheduledJob(
+            "retention-daily",
+            "RetentionWorkflow",
+            "retention",
+            "40 3 * * *",
+            RetentionInput(),
+            "Purge staged batches and processed webhook events older than BILLING_RETENTION",
+        ),
+        ScheduledJob(
+            "notifications-dispatch",
+            "NotificationDispatchWorkflow",
+            "notifications-dispatch",
+            "* * * * *",
+            DispatchInput(),
+            "Start notify/{id} for notifications recorded without a delivery workflow yet",
         ),
     ]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
 from billing.ids import usage_sync_id
+from billing.models import MAX_TAG_LENGTH, refuse_control_characters
 from billing.models_sync import INPUT_ERROR, PARTIAL_BATCH_ERROR, UsageSyncInput, UsageSyncResult
 from billing.sql import query
 
@@ -29,10 +29,6 @@ _MAX_BIGINT = 2**63 - 1
 # Rows dated before this are rejected (1900, year 0 ...); the upper bound (the database clock plus the
 # allowed skew, and a month that has begun) is checked by the apply, against the database clock.
 EARLIEST_ROW_TIME = datetime(2000, 1, 1, tzinfo=UTC)
-# Meter tags are short names; a longer one is refused before it is staged or echoed back.
-MAX_TAG_LENGTH = 200
-# C0 and C1 control characters (NUL cannot even be stored in PostgreSQL text).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 StagedRow = tuple[str, int, uuid.UUID, str, datetime, datetime, int]
 
@@ -50,7 +46,8 @@ class ParsedBatch:
 def batch_id_of(metrics: list[Any]) -> str:
     """SHA-256 of the rows in canonical JSON: the same rows pushed twice are the same batch."""
     canonical = json.dumps(metrics, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    # surrogatepass: a lone surrogate ("\\ud800" in the JSON) must hash, not fail; its row is rejected.
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _short(value: object) -> str:
@@ -95,9 +92,11 @@ def _parse_row(batch_id: str, index: int, item: dict[str, Any]) -> StagedRow | s
     if not isinstance(tag, str) or not tag:
         return f"tag must be a non-empty string, got {_short(tag)}"
     if len(tag) > MAX_TAG_LENGTH:
-        return f"tag is longer than {MAX_TAG_LENGTH} characters"
-    if _CONTROL.search(tag):
-        return f"tag contains a control character: {_short(tag)}"
+        return f"tag is longer than {MAX_TAG_LENGTH} characters: {_short(tag)}"
+    try:
+        refuse_control_characters(tag)
+    except ValueError as exc:
+        return f"tag {exc}: {_short(tag)}"
     increment = item["increment"]
     # bool is an int in Python, not in JSON's sense of a counter.
     if type(increment) is not int or not 0 <= increment <= _MAX_BIGINT:

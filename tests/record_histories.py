@@ -9,18 +9,28 @@ only for a deliberate, versioned change (and keep the old file if old runs may s
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from temporalio.client import WorkflowHistory
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 
 from billing.db import open_pool
+from billing.hours import hour_key
 from billing.ids import monthly_reset_id, org_billing_id, stripe_report_id, usage_sync_id
-from billing.models_billing import OperatorRequest
+from billing.models import MonthlyCloseInput
+from billing.models_billing import OperatorRequest, OrgBillingInput
+from billing.models_stripe import StorageOverageInput
+from billing.models_sync import PullSyncInput
 from billing.months import month_key, parse_month
-from billing.org_billing import query_org_billing_state
-from billing.scratch import scratch_database, temporal_dev_server
+from billing.org_billing import operator_update, query_org_billing_state
+from billing.scratch import fresh_database, postgres_server, scratch_database, temporal_dev_server
+from billing.temporal import start_monthly_reset
 from billing.usage_batches import parse_metrics, run_usage_sync, stage_batch
 from tests import stripe_payloads as sp
 from tests.conftest import running_worker
@@ -61,13 +71,14 @@ async def record_org_billing() -> Path:
                     await h.settle(org.id)
                     handle = env.client.get_workflow_handle(org_billing_id(org.id))
 
-                    await handle.signal("operator_block", OperatorRequest(reason="recorded block"))
-                    await handle.signal("operator_unblock", OperatorRequest(reason="recorded unblock"))
-                    for _ in range(200):
-                        view = await query_org_billing_state(env.client, org.id)
-                        if view is not None and len(view.operator_actions) == 2 and view.queued == 0:
-                            break
-                        await asyncio.sleep(0.05)
+                    # Operator actions are updates (update-with-start), answered once enforced.
+                    for action in ("block", "unblock"):
+                        request = OperatorRequest(
+                            reason=f"recorded {action}", request_id=f"recorded-{action}"
+                        )
+                        await operator_update(env.client, h.settings.task_queue, org.id, action, request)
+                    view = await query_org_billing_state(env.client, org.id)
+                    assert view is not None and len(view.operator_actions) == 2
                     history = await handle.fetch_history()
             finally:
                 await pool.close()
@@ -132,10 +143,184 @@ async def record_usage_and_reports() -> list[Path]:
     return [_save(name, history) for name, history in histories.items()]
 
 
+CORE_SCHEMA = """
+CREATE TABLE metrics (
+    project_id  uuid NOT NULL,
+    tag         text NOT NULL,
+    increment   bigint NOT NULL,
+    created_at  timestamptz NOT NULL,
+    updated_at  timestamptz NOT NULL,
+    PRIMARY KEY (project_id, tag, created_at)
+)
+"""
+
+
+async def _wait_for_retry(handle: WorkflowHandle[Any, Any], attempt: int = 2) -> None:
+    """Until the workflow's pending activity has failed and is on ``attempt`` (or later)."""
+    for _ in range(1200):
+        pending = (await handle.describe()).raw_description.pending_activities
+        if pending and pending[0].attempt >= attempt:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{handle.id}: the failing activity was never retried")
+
+
+async def record_sweeps_and_failure_paths() -> list[Path]:
+    """The workflow types without a history yet and the failure paths:
+
+    ``monthly_close`` (the schedule's walk over the orgs), ``storage_overage`` (the hourly storage
+    sweep and the report it starts), ``pull_usage_sync`` (the hourly pull from a metrics table),
+    ``monthly_reset_retried`` (the close fails once and its activity is retried), and
+    ``org_billing_continued`` (a burst of events that continues as new with signals still queued, and
+    the run that carries them on).
+    """
+    async with temporal_dev_server() as env:
+        with postgres_server() as admin, fresh_database(admin, prefix="billing_scratch") as url:
+            with fresh_database(admin, migrated=False, prefix="billing_core") as core, FakeStripe() as fake:
+                with psycopg.connect(core) as conn:
+                    conn.execute(CORE_SCHEMA)
+                pool = await open_pool(url, max_size=10)
+                try:
+                    return await _record_sweeps_and_failure_paths(env.client, pool, url, core, fake)
+                finally:
+                    await pool.close()
+
+
+async def _record_sweeps_and_failure_paths(
+    client: Client, pool: AsyncConnectionPool, url: str, core: str, fake: FakeStripe
+) -> list[Path]:
+    histories: dict[str, WorkflowHistory] = {}
+    now = datetime.now(UTC)
+    this_month, last_month = month_key(now), month_key(now.replace(day=1) - timedelta(days=1))
+    settings = stripe_settings(url, client, fake, BILLING_METRICS_SOURCE_URL=core)
+    reset_org = await make_org(pool, plan="pro", stripe_customer_id=fake.add_customer())
+    other_org = await make_org(pool, plan="free")
+    async with pool.connection() as conn:
+        for org in (reset_org, other_org):
+            await conn.execute(
+                "SELECT increment_project_usage(%s, 'task.created', %s, 10)",
+                [org.project_ids[0], parse_month(last_month)],
+            )
+        # The first close of reset_org fails (a real failure of its transaction), then works.
+        await conn.execute(
+            "CREATE FUNCTION fail_closing_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'injected failure while closing'; END $$"
+        )
+        await conn.execute(
+            "CREATE TRIGGER fail_closing_once BEFORE INSERT ON closed_month_usage "
+            "FOR EACH ROW EXECUTE FUNCTION fail_closing_once()"
+        )
+    async with running_worker(settings, pool, client):
+        try:
+            started = await start_monthly_reset(client, settings.task_queue, reset_org.id, this_month)
+            retried = client.get_workflow_handle(started.workflow_id)
+            await _wait_for_retry(retried)
+        finally:
+            async with pool.connection() as conn:
+                await conn.execute("DROP TRIGGER fail_closing_once ON closed_month_usage")
+                await conn.execute("DROP FUNCTION fail_closing_once()")
+        await retried.result()
+        histories["monthly_reset_retried"] = await retried.fetch_history()
+
+        close = await client.start_workflow(
+            "MonthlyCloseWorkflow",
+            MonthlyCloseInput(month=this_month),
+            id=f"monthly-close-recorded-{this_month}",
+            task_queue=settings.task_queue,
+        )
+        await close.result()
+        await client.get_workflow_handle(monthly_reset_id(other_org.id, this_month)).result()
+        histories["monthly_close"] = await close.fetch_history()
+
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        async with pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO org_usage (organization_id, tag, month, value) VALUES (%s, 'storage.usage', %s, %s)",
+                [reset_org.id, parse_month(this_month), 52 * 1024**3],
+            )
+        storage = await client.start_workflow(
+            "StorageOverageWorkflow",
+            StorageOverageInput(hour=hour_key(hour)),
+            id=f"storage-overage-recorded-{hour_key(hour)}",
+            task_queue=settings.task_queue,
+        )
+        await storage.result()
+        await client.get_workflow_handle(stripe_report_id(reset_org.id, hour)).result()
+        histories["storage_overage"] = await storage.fetch_history()
+
+        today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        with psycopg.connect(core) as conn:
+            conn.execute(
+                "INSERT INTO metrics (project_id, tag, increment, created_at, updated_at)"
+                " VALUES (%s, 'task.created', 5, %s, %s)",
+                [other_org.project_ids[0], today, now],
+            )
+        pull = await client.start_workflow(
+            "PullUsageSyncWorkflow",
+            PullSyncInput(),
+            id=f"usage-sync/pull-recorded-{uuid.uuid4()}",
+            task_queue=settings.task_queue,
+        )
+        await pull.result()
+        histories["pull_usage_sync"] = await pull.fetch_history()
+
+        histories |= await _record_continue_as_new(client, pool, url, settings.task_queue)
+    return [_save(name, history) for name, history in histories.items()]
+
+
+async def _record_continue_as_new(
+    client: Client, pool: AsyncConnectionPool, url: str, task_queue: str
+) -> dict[str, WorkflowHistory]:
+    """org-billing with three events per run and a burst of eight: a run ends with signals queued."""
+    org = await paid_org(pool)
+    common = {
+        "customer_id": customer_of(org.id),
+        "subscription_id": subscription_of(org.id),
+        "organization_id": org.id,
+    }
+    invoices = [sp.invoice(billing_reason="subscription_threshold", **common) for _ in range(4)]
+    events = [
+        sp.invoice_event(kind, invoice, created=T0 + 10 * i + (5 if kind == "invoice.paid" else 0))
+        for i, invoice in enumerate(invoices)
+        for kind in ("invoice.payment_failed", "invoice.paid")
+    ]
+    async with harness(url, pool, client) as h:
+        handle = await client.start_workflow(
+            "OrgBillingWorkflow",
+            OrgBillingInput(org_id=org.id, max_events_per_run=3),
+            id=org_billing_id(org.id),
+            task_queue=h.settings.task_queue,
+        )
+        # Signalled all at once: the first run continues as new with the rest still in its queue.
+        responses = await asyncio.gather(*(h.post(event) for event in events))
+        assert {r.status_code for r in responses} == {200}, [r.text for r in responses]
+        h.delivered |= {event["id"] for event in events}
+        view = await h.settle(org.id)
+        assert view.events_applied == len(events), view
+        first = client.get_workflow_handle(org_billing_id(org.id), run_id=handle.first_execution_run_id)
+        first_run = await first.fetch_history()
+        last_run = await client.get_workflow_handle(org_billing_id(org.id)).fetch_history()
+    carried = _carried_queue(first_run)
+    assert carried, "the first run continued as new with nothing queued: record again"
+    return {"org_billing_continued": first_run, "org_billing_continued_last": last_run}
+
+
+def _carried_queue(history: WorkflowHistory) -> list[Any]:
+    """The signals a run carried into its next run (empty if it did not continue as new)."""
+    last = json.loads(history.to_json())["events"][-1]
+    attributes = last.get("workflowExecutionContinuedAsNewEventAttributes")
+    if attributes is None:
+        return []
+    payload = attributes["input"]["payloads"][0]["data"]
+    return json.loads(base64.b64decode(payload))["queue"]
+
+
 def main() -> None:
     """Record every history this module knows."""
     print(f"recorded {asyncio.run(record_org_billing())}")
     for path in asyncio.run(record_usage_and_reports()):
+        print(f"recorded {path}")
+    for path in asyncio.run(record_sweeps_and_failure_paths()):
         print(f"recorded {path}")
 
 

@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
+from billing.clock import utcnow
 from billing.config import Settings
 from billing.models_stripe import ReportTuning, StripeReportResult
 from billing.reporting import start_stripe_reports
 from tests.conftest import make_settings
 from tests.stripe_server import FakeStripe
 
-# Short intervals so a 429 storm or a killed worker is recovered from in seconds, not minutes.
+# Short retry intervals so a 429 storm or a killed worker is recovered from in seconds, not minutes (a
+# killed worker's claim is taken over once its 3 s lease expires). The heartbeat timeout is not short
+# enough that a live worker on a loaded machine (heartbeating every third of it) could miss it and have
+# its activity retried concurrently, which would make the tests' exact request counts a race.
 FAST = ReportTuning(
-    initial_interval_seconds=0.05, maximum_interval_seconds=0.4, heartbeat_timeout_seconds=2.0, page_size=100
+    initial_interval_seconds=0.05,
+    maximum_interval_seconds=0.4,
+    heartbeat_timeout_seconds=10.0,
+    page_size=100,
+    lease_seconds=3.0,
 )
 TEST_KEY = "sk_test_reporting"
 
 
 def this_hour() -> datetime:
-    """The current UTC hour: inside this month, and within Stripe's 35-day window."""
-    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    """The current UTC hour (of ``billing.clock``): inside this month, and within Stripe's 35-day
+    window. Read it once per test: two reads may straddle hh:00."""
+    return utcnow().replace(minute=0, second=0, microsecond=0)
 
 
 def stripe_settings(database_url: str, client: Client, fake: FakeStripe, **overrides: str) -> Settings:
@@ -33,11 +42,16 @@ def stripe_settings(database_url: str, client: Client, fake: FakeStripe, **overr
 
 
 async def queue_rows(
-    pool: AsyncConnectionPool, org_id: str, quantities: list[int], *, tag: str = "task.created"
+    pool: AsyncConnectionPool,
+    org_id: str,
+    quantities: list[int],
+    *,
+    tag: str = "task.created",
+    hour: datetime | None = None,
 ) -> list[str]:
-    """Insert one pending outbox row per quantity, oldest first, as a sync batch would; returns the
-    identifiers in row order."""
-    hour = this_hour()
+    """Insert one pending outbox row per quantity, oldest first, as a sync batch would, stamped
+    ``hour`` (default this hour); returns the identifiers in row order."""
+    hour = hour or this_hour()
     batch = uuid.uuid4().hex[:12]
     identifiers = [f"sync-test-{batch}-{i}" for i in range(len(quantities))]
     async with pool.connection() as conn:

@@ -33,10 +33,32 @@ Exceptions stripe-python raises for the fake's answers: 400/404 -> ``stripe.Inva
 429 -> ``stripe.RateLimitError``, 409 and 5xx -> ``stripe.APIError``, dropped connection or timeout ->
 ``stripe.APIConnectionError``.
 
-Deliberate simplifications: meter events are aggregated synchronously (real Stripe summaries lag by
-minutes); identifiers are deduplicated forever (Stripe: "at least 24 hours"); only the parameters listed
-per endpoint are modelled, anything else is rejected with ``parameter_unknown`` so a test cannot pass
-while the fake silently ignores a parameter.
+Strict where this project depends on Stripe's behaviour:
+
+* **Idempotency**: the first result for an ``Idempotency-Key`` is stored and replayed for every retry
+  with that key, errors included (a 500 from :meth:`fail_next` too: the endpoint "started executing").
+  Not stored, as at Stripe: authentication failures (401/403), rate limiting (429), parameter validation
+  failures and a 409 for a key in use. Stored results expire after ``idempotency_ttl`` seconds (24 h, as
+  Stripe) of the fake's clock, which :meth:`advance` moves.
+* **Key in use**: a second request with a key whose first request is still executing gets Stripe's 409
+  ``idempotency_key_in_use`` (use :meth:`slow_next` and :meth:`wait_in_flight` to force it).
+* **Identifiers**: a meter event identifier is deduplicated for ``identifier_ttl`` seconds (Stripe: "at
+  least 24 hours"); after that the same identifier is counted again, as Stripe may.
+* **Keys**: a key other than the accepted one gets 401 (:meth:`set_api_key` rotates it); a key named in
+  :meth:`forbid_key` gets 403 (a restricted key without the permission).
+* **Meters**: :meth:`deactivate_meter` / :meth:`remove_meter` make Stripe refuse events for that name.
+* **Summaries lag** when asked to (:meth:`set_summary_lag`): an event is in the meter event summaries only
+  that many seconds (fake clock) after it was received.
+* **Webhooks** can be signed with several ``v1`` signatures (:func:`sign_payload` with a list of secrets,
+  as during a secret rotation), and :meth:`meter_error_notification` builds Stripe's thin (v2) meter error
+  event notifications, whose full event is served at ``GET /v2/core/events/{id}``.
+
+Still kinder than Stripe: meter events are aggregated synchronously unless a lag is set (Stripe's summaries
+always lag by minutes); Stripe also reports some meter event errors only asynchronously (the fake refuses
+them synchronously and the tests send the error notification themselves); one lock serialises the
+handlers (only the key-in-use window is concurrent); no rate limiting unless injected; only the parameters
+listed per endpoint are modelled, anything else is rejected with ``parameter_unknown`` so a test cannot
+pass while the fake silently ignores a parameter.
 """
 
 from __future__ import annotations
@@ -54,7 +76,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -77,16 +99,20 @@ IDENTIFIER_MAX_LENGTH = 100
 _CANCELED_STATUSES = frozenset({"canceled", "incomplete_expired"})
 
 
-def sign_payload(payload: bytes | str, secret: str, timestamp: int | None = None) -> str:
+def sign_payload(payload: bytes | str, secret: str | Sequence[str], timestamp: int | None = None) -> str:
     """Return a ``Stripe-Signature`` header value for ``payload``, computed exactly as Stripe does.
 
     The signature is ``HMAC-SHA256(secret, f"{t}.{payload}")`` in hex, sent as ``t=<t>,v1=<hex>``.
-    ``timestamp`` defaults to now; pass an old one to test the tolerance check.
+    Several secrets give several ``v1`` signatures in one header, as Stripe sends while an endpoint's
+    secret is being rolled. ``timestamp`` defaults to now; pass an old one to test the tolerance check.
     """
     t = int(time.time()) if timestamp is None else int(timestamp)
     body = payload.encode("utf-8") if isinstance(payload, str) else payload
-    mac = hmac.new(secret.encode("utf-8"), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
+    secrets_ = [secret] if isinstance(secret, str) else list(secret)
+    macs = [
+        hmac.new(s.encode("utf-8"), f"{t}.".encode() + body, hashlib.sha256).hexdigest() for s in secrets_
+    ]
+    return ",".join([f"t={t}", *(f"v1={mac}" for mac in macs)])
 
 
 def decode_form(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
@@ -179,6 +205,17 @@ def _no_such(kind: str, obj_id: str, *, status: int = 404, param: str = "id") ->
     return StripeError(status, f"No such {kind}: '{obj_id}'", code="resource_missing", param=param)
 
 
+def _key_in_use(key: str) -> StripeError:
+    return StripeError(
+        409,
+        f"There is currently another in-progress request using this Stripe token (idempotency key {key}). "
+        "Please try again later.",
+        type="idempotency_error",
+        code="idempotency_key_in_use",
+        store=False,
+    )
+
+
 def _check_params(params: dict[str, Any], allowed: set[str]) -> None:
     for key in params:
         if key not in allowed:
@@ -221,6 +258,7 @@ class _Fault:
     seconds: float = 0.0
     retry_after: int | None = None
     skip: int = 0  # matching requests to let through untouched before the fault applies
+    store: bool = False  # whether the answer is stored under the request's Idempotency-Key
 
     def matches(self, path: str) -> bool:
         return self.remaining > 0 and (self.path_prefix is None or path.startswith(self.path_prefix))
@@ -234,6 +272,7 @@ class _IdempotencyEntry:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    stored_at: float = 0.0
 
 
 @dataclass
@@ -250,11 +289,27 @@ _Route = Callable[[re.Match[str], dict[str, Any]], _Response]
 class FakeStripe:
     """In-memory Stripe v1 subset served over real HTTP; see the module docstring for usage."""
 
-    def __init__(self, meters: Iterable[str] = DEFAULT_METERS, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        meters: Iterable[str] = DEFAULT_METERS,
+        api_key: str | None = None,
+        *,
+        idempotency_ttl: float = 24 * 3600,
+        identifier_ttl: float = 24 * 3600,
+    ) -> None:
         """Configure the fake; ``meters`` are event names, ``api_key`` (if set) is the only key accepted.
 
-        Without ``api_key`` any ``sk_...``/``rk_...`` bearer token is accepted.
+        Without ``api_key`` any ``sk_...``/``rk_...`` bearer token is accepted. ``idempotency_ttl`` and
+        ``identifier_ttl`` are how long (fake clock seconds) a key's result and an identifier are kept.
         """
+        self.idempotency_ttl = idempotency_ttl
+        self.identifier_ttl = identifier_ttl
+        # The fake's clock is the wall clock plus this offset; advance() moves it.
+        self._offset = 0.0
+        self._summary_lag = 0.0
+        self._forbidden: dict[str, str | None] = {}
+        self._keys_in_use: set[tuple[str, str]] = set()
+        self._v2_events: dict[str, dict[str, Any]] = {}
         # One lock guards all state: handlers run serially, which keeps the semantics (dedup,
         # idempotency) trivially atomic; throughput is irrelevant for tests.
         self._lock = threading.RLock()
@@ -265,7 +320,7 @@ class FakeStripe:
         self._products: dict[str, dict[str, Any]] = {}
         self._subscriptions: dict[str, dict[str, Any]] = {}
         self._events: list[dict[str, Any]] = []
-        self._identifiers: set[str] = set()
+        self._identifiers: dict[str, float] = {}  # identifier -> when it was counted
         self._idempotency: dict[tuple[str, str], _IdempotencyEntry] = {}
         self._requests: list[RecordedRequest] = []
         self._faults: list[_Fault] = []
@@ -290,6 +345,7 @@ class FakeStripe:
             ("GET", re.compile(r"/v1/products/(?P<id>[^/]+)"), self._get_product),
             ("GET", re.compile(r"/v1/customers/(?P<id>[^/]+)"), self._get_customer),
             ("GET", re.compile(r"/v1/prices/(?P<id>[^/]+)"), self._get_price),
+            ("GET", re.compile(r"/v2/core/events/(?P<id>[^/]+)"), self._get_v2_event),
         ]
         self._prices: dict[str, dict[str, Any]] = {}
         for name in meters:
@@ -358,7 +414,7 @@ class FakeStripe:
         with self._lock:
             if any(m["event_name"] == event_name for m in self._meters.values()):
                 raise ValueError(f"a meter for event_name {event_name!r} already exists")
-            now = int(time.time())
+            now = int(self.now())
             meter_id = _new_id("mtr")
             self._meters[meter_id] = {
                 "id": meter_id,
@@ -548,19 +604,143 @@ class FakeStripe:
             self._prices[id] = price
             return copy.deepcopy(price)
 
+    # ------------------------------------------------------------------ clock, keys, meters
+
+    def now(self) -> float:
+        """The fake's clock: the wall clock plus whatever :meth:`advance` added."""
+        return time.time() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the fake's clock forward: stored idempotent results and identifiers older than their
+        ttl expire, and lagging summaries catch up. Timestamp checks use this clock too."""
+        with self._lock:
+            self._offset += seconds
+
+    def set_summary_lag(self, seconds: float) -> None:
+        """Meter event summaries include an event only ``seconds`` after it was received (0: at once)."""
+        with self._lock:
+            self._summary_lag = seconds
+
+    def set_api_key(self, api_key: str | None) -> None:
+        """Accept only ``api_key`` from now on (None: any ``sk_``/``rk_`` key): a rotated or revoked key
+        then gets Stripe's 401."""
+        with self._lock:
+            self._api_key = api_key
+
+    def forbid_key(self, api_key: str, path_prefix: str | None = None) -> None:
+        """Answer 403 to ``api_key`` (on ``path_prefix`` only, if given): a restricted key lacking a
+        permission. :meth:`allow_key` lifts it."""
+        with self._lock:
+            self._forbidden[api_key] = path_prefix
+
+    def allow_key(self, api_key: str) -> None:
+        """Lift :meth:`forbid_key`."""
+        with self._lock:
+            self._forbidden.pop(api_key, None)
+
+    def deactivate_meter(self, event_name: str) -> None:
+        """Deactivate the meter of ``event_name``: Stripe then refuses its events."""
+        with self._lock:
+            meter = self._meters[self.meter_id(event_name)]
+            meter["status"] = "inactive"
+            meter["status_transitions"]["deactivated_at"] = int(self.now())
+
+    def reactivate_meter(self, event_name: str) -> None:
+        """Reactivate a meter deactivated by :meth:`deactivate_meter`."""
+        with self._lock:
+            meter = self._meters[self.meter_id(event_name)]
+            meter["status"] = "active"
+            meter["status_transitions"]["deactivated_at"] = None
+
+    def remove_meter(self, event_name: str) -> None:
+        """Forget the meter of ``event_name`` (as if it was never created, or renamed)."""
+        with self._lock:
+            del self._meters[self.meter_id(event_name)]
+
+    def meter_error_notification(
+        self,
+        event_name: str,
+        *,
+        code: str = "meter_event_customer_not_found",
+        message: str = "No customer was found for the meter event.",
+        identifiers: Sequence[str] = (),
+        event_type: str = "v1.billing.meter.error_report_triggered",
+    ) -> bytes:
+        """A thin (v2) event notification of a meter error, as Stripe's event destinations deliver it.
+
+        ``identifiers`` go in the sample errors (``request.identifier``). The full event is then served
+        at ``GET /v2/core/events/{id}`` (``EventNotification.fetch_event``). For
+        ``v1.billing.meter.no_meter_found`` there is no related meter.
+        """
+        with self._lock:
+            evt_id = f"evt_{secrets.token_hex(12)}"
+            created = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(self.now()))
+            notification: dict[str, Any] = {
+                "id": evt_id,
+                "object": "v2.core.event",
+                "type": event_type,
+                "created": created,
+                "livemode": False,
+            }
+            if event_type != "v1.billing.meter.no_meter_found":
+                meter_id = self.meter_id(event_name)
+                notification["related_object"] = {
+                    "id": meter_id,
+                    "type": "billing.meter",
+                    "url": f"/v1/billing/meters/{meter_id}",
+                }
+            samples = [{"error_message": message, "request": {"identifier": i}} for i in identifiers]
+            self._v2_events[evt_id] = {
+                **notification,
+                "data": {
+                    "developer_message_summary": f"{len(samples) or 1} meter events of {event_name} failed",
+                    "reason": {
+                        "error_count": len(samples) or 1,
+                        "error_types": [
+                            {"code": code, "error_count": len(samples) or 1, "sample_errors": samples}
+                        ],
+                    },
+                    "validation_start": created,
+                    "validation_end": created,
+                },
+            }
+            return json.dumps(notification).encode()
+
+    def wait_key_in_use(self, idempotency_key: str, timeout: float = 5.0) -> bool:
+        """Block until a request with ``idempotency_key`` is executing (e.g. held by :meth:`slow_next`),
+        so a second one is answered 409 deterministically."""
+        with self._idle:
+            return self._idle.wait_for(
+                lambda: any(key == idempotency_key for _, key in self._keys_in_use), timeout=timeout
+            )
+
+    def wait_in_flight(self, n: int = 1, timeout: float = 5.0) -> bool:
+        """Block until at least ``n`` requests are being processed (e.g. one held by :meth:`slow_next`)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight >= n, timeout=timeout)
+
     # ------------------------------------------------------------------ fault injection
 
     def fail_next(
-        self, n: int = 1, status: int = 500, path_prefix: str | None = None, retry_after: int | None = None
+        self,
+        n: int = 1,
+        status: int = 500,
+        path_prefix: str | None = None,
+        retry_after: int | None = None,
+        store: bool | None = None,
     ) -> None:
-        """Answer the next ``n`` matching requests with ``status`` before doing any work.
+        """Answer the next ``n`` matching requests with ``status`` without doing the work.
 
-        Nothing is processed and no idempotent result is stored, as for a failure in front of the API
-        (so a retry with the same key is executed normally). 429 carries Stripe's ``rate_limit`` body
-        and, if given, ``Retry-After``.
+        As at Stripe, a 5xx is stored under the request's ``Idempotency-Key`` (the endpoint started
+        executing) and replayed to every retry with that key until it expires; 429, 409 and other
+        statuses are not stored (refused in front of the API). ``store`` overrides that. 429 carries
+        Stripe's ``rate_limit`` body and, if given, ``Retry-After``; 409 is ``idempotency_key_in_use``.
         """
+        keep = status >= 500 if store is None else store
         with self._lock:
-            self._faults.append(_Fault("fail", n, path_prefix, status=status, retry_after=retry_after))
+            self._faults.append(
+                _Fault("fail", n, path_prefix, status=status, retry_after=retry_after, store=keep)
+            )
 
     def slow_next(self, n: int, seconds: float, path_prefix: str | None = None, skip: int = 0) -> None:
         """Delay the next ``n`` matching requests by ``seconds`` before processing them.
@@ -579,9 +759,10 @@ class FakeStripe:
             self._faults.append(_Fault("drop", n, path_prefix))
 
     def drop_after_commit_first_attempts(self, path_prefix: str = "/v1/billing/meter_events") -> None:
-        """From now on, the first request of every ``Idempotency-Key`` on ``path_prefix`` is processed
-        (and idempotently stored) and then has its connection dropped unanswered; a retry with the
-        same key gets the stored answer. Models a network that loses every first answer.
+        """From now on, the first request for every meter event ``identifier`` (or, for requests without
+        one, every ``Idempotency-Key``) on ``path_prefix`` is processed (and idempotently stored) and
+        then has its connection dropped unanswered; a retry gets the stored answer (same key) or the
+        identifier's dedupe answer (new key). Models a network that loses every first answer.
         ``clear_faults`` turns it off."""
         with self._lock:
             self._drop_first_prefix = path_prefix
@@ -602,7 +783,10 @@ class FakeStripe:
         ``payload``.
         """
         with self._lock:
-            return [{**e, "value": _number(e["value"])} for e in copy.deepcopy(self._events)]
+            return [
+                {k: v for k, v in {**e, "value": _number(e["value"])}.items() if k != "received"}
+                for e in copy.deepcopy(self._events)
+            ]
 
     def totals(self) -> dict[tuple[str, str], int | float]:
         """Sum of counted values per ``(customer, event_name)``."""
@@ -649,35 +833,84 @@ class FakeStripe:
         return None
 
     def _handle(self, req: RecordedRequest) -> tuple[int, bytes, dict[str, str]] | None:
-        """Process one request; returns (status, body, headers) or None to drop the connection."""
-        with self._lock:
+        """Process one request; returns (status, body, headers) or None to drop the connection.
+
+        Order, as at Stripe: authentication (401/403, never stored), injected refusals in front of the
+        API (429/409, never stored), the stored result of the key (replayed), key in use (409), then
+        the endpoint, whose result (a stored injected 5xx included) is kept under the key.
+        """
+        with self._idle:
             self._requests.append(req)
             self._in_flight += 1
-            slow = self._take_fault("slow", req.path)
-            fail = self._take_fault("fail", req.path)
-            drop = None if fail else self._take_fault("drop", req.path)
-            if drop is None and fail is None and self._first_attempt_to_drop(req):
-                drop = _Fault("drop", 0, self._drop_first_prefix)
+            self._idle.notify_all()
+        scope: tuple[str, str] | None = None
         try:
+            auth_error = self._authenticate(req)
+            if auth_error is not None:
+                return self._finish(req, auth_error.status, _dump(auth_error.body), {})
+            idem_key = req.idempotency_key if req.method == "POST" else None
+            with self._lock:
+                slow = self._take_fault("slow", req.path)
+                fail = self._take_fault("fail", req.path)
+                drop = None if fail else self._take_fault("drop", req.path)
+                if drop is None and fail is None and self._first_attempt_to_drop(req):
+                    drop = _Fault("drop", 0, self._drop_first_prefix)
+                if fail is not None and not fail.store:
+                    req.fault = "fail"
+                    resp = self._fault_response(fail)
+                    return self._finish(req, resp.status, _dump(resp.body), resp.headers)
+                if idem_key:
+                    key_scope = (req.headers.get("authorization", ""), idem_key)
+                    entry = self._live_entry(key_scope)
+                    if entry is not None:
+                        result = self._replay(req, entry, idem_key)
+                        if drop is not None:
+                            req.fault = "drop"
+                            return None
+                        return self._finish(req, *result)
+                    if key_scope in self._keys_in_use:
+                        err = _key_in_use(idem_key)
+                        return self._finish(req, err.status, _dump(err.body), {})
+                    scope = key_scope
+                    self._keys_in_use.add(scope)
+                    self._idle.notify_all()
             if slow is not None:
                 req.fault = "slow"
                 time.sleep(slow.seconds)
-            if fail is not None:
-                req.fault = "fail"
-                resp = self._fault_response(fail)
-                return self._finish(req, resp.status, _dump(resp.body), resp.headers)
-            status, body, headers = self._dispatch(req)
+            with self._lock:
+                if fail is not None:
+                    req.fault = "fail"
+                    resp = self._fault_response(fail)
+                else:
+                    resp = self._route(req)
+                headers = {"Request-Id": f"req_{secrets.token_hex(7)}", **resp.headers}
+                body = _dump(resp.body)
+                if scope is not None and resp.store:
+                    self._idempotency[scope] = _IdempotencyEntry(
+                        req.method, req.path, req.params, resp.status, body, headers, self.now()
+                    )
             if drop is not None:
                 req.fault = "drop"
                 return None
-            return self._finish(req, status, body, headers)
+            return self._finish(req, resp.status, body, headers)
         finally:
             with self._idle:
+                if scope is not None:
+                    self._keys_in_use.discard(scope)
                 self._in_flight -= 1
                 self._idle.notify_all()
 
+    def _live_entry(self, scope: tuple[str, str]) -> _IdempotencyEntry | None:
+        entry = self._idempotency.get(scope)
+        if entry is not None and self.now() - entry.stored_at >= self.idempotency_ttl:
+            del self._idempotency[scope]  # expired: the key may be used afresh
+            return None
+        return entry
+
     def _first_attempt_to_drop(self, req: RecordedRequest) -> bool:
-        prefix, key = self._drop_first_prefix, req.idempotency_key
+        prefix = self._drop_first_prefix
+        identifier = req.params.get("identifier") if isinstance(req.params, dict) else None
+        key = identifier if isinstance(identifier, str) else req.idempotency_key
         if prefix is None or key is None or not req.path.startswith(prefix) or key in self._drop_first_seen:
             return False
         self._drop_first_seen.add(key)
@@ -701,6 +934,8 @@ class FakeStripe:
                 code="rate_limit",
                 headers=headers,
             )
+        elif fault.status == 409:
+            err = _key_in_use("(injected)")
         elif fault.status >= 500:
             err = StripeError(
                 fault.status,
@@ -709,7 +944,7 @@ class FakeStripe:
             )
         else:
             err = StripeError(fault.status, f"Injected failure (HTTP {fault.status}).")
-        return _Response(err.status, err.body, err.headers, store=False)
+        return _Response(err.status, err.body, err.headers, store=fault.store)
 
     def _authenticate(self, req: RecordedRequest) -> StripeError | None:
         auth = req.headers.get("authorization", "")
@@ -734,30 +969,18 @@ class FakeStripe:
             return StripeError(
                 401, f"Invalid API Key provided: {key[:8]}****{key[-4:]}", code="api_key_invalid"
             )
-        return None
-
-    def _dispatch(self, req: RecordedRequest) -> tuple[int, bytes, dict[str, str]]:
-        auth_error = self._authenticate(req)
-        if auth_error is not None:
-            return auth_error.status, _dump(auth_error.body), {}
-
-        idem_key = req.idempotency_key if req.method == "POST" else None
-        scope = (req.headers.get("authorization", ""), idem_key or "")
         with self._lock:
-            if idem_key:
-                entry = self._idempotency.get(scope)
-                if entry is not None:
-                    return self._replay(req, entry, idem_key)
-            # Handlers run under the lock, so a concurrent duplicate waits and then replays; Stripe's
-            # 409 idempotency_key_in_use cannot happen here.
-            resp = self._route(req)
-            headers = {"Request-Id": f"req_{secrets.token_hex(7)}", **resp.headers}
-            body = _dump(resp.body)
-            if idem_key and resp.store:
-                self._idempotency[scope] = _IdempotencyEntry(
-                    req.method, req.path, req.params, resp.status, body, headers
-                )
-            return resp.status, body, headers
+            forbidden = key in self._forbidden
+            prefix = self._forbidden.get(key)
+        if forbidden and (prefix is None or req.path.startswith(prefix)):
+            return StripeError(
+                403,
+                f"The provided key '{key[:8]}****{key[-4:]}' does not have the required permissions for "
+                "this endpoint.",
+                type="invalid_request_error",
+                code="secret_key_required" if key.startswith("rk_") else None,
+            )
+        return None
 
     def _replay(
         self, req: RecordedRequest, entry: _IdempotencyEntry, key: str
@@ -823,7 +1046,7 @@ class FakeStripe:
                 param="identifier",
                 store=False,
             )
-        now = int(time.time())
+        now = int(self.now())
         timestamp = _int_param(p, "timestamp")
         if timestamp is None:
             timestamp = now
@@ -868,7 +1091,7 @@ class FakeStripe:
         self._live_customer(cus_id, f"payload[{cus_key}]")
         if identifier is None:
             identifier = _new_id("mevt")
-        elif identifier in self._identifiers:
+        elif self.now() - self._identifiers.get(identifier, float("-inf")) < self.identifier_ttl:
             # Matches what Stripe answers for a repeated identifier: a 400 that must not be retried.
             raise StripeError(
                 400,
@@ -877,9 +1100,10 @@ class FakeStripe:
                 param="identifier",
                 headers={"Stripe-Should-Retry": "false"},
             )
-        self._identifiers.add(identifier)
+        self._identifiers[identifier] = self.now()
         self._events.append(
             {
+                "received": self.now(),
                 "event_name": event_name,
                 "meter": meter["id"],
                 "customer": cus_id,
@@ -935,7 +1159,10 @@ class FakeStripe:
             (
                 e["value"]
                 for e in self._events
-                if e["meter"] == meter["id"] and e["customer"] == customer and start <= e["timestamp"] < end
+                if e["meter"] == meter["id"]
+                and e["customer"] == customer
+                and start <= e["timestamp"] < end
+                and e["received"] <= self.now() - self._summary_lag
             ),
             Decimal(0),
         )
@@ -1007,6 +1234,12 @@ class FakeStripe:
         if price is None:
             raise _no_such("price", m["id"])
         return _Response(200, copy.deepcopy(price))
+
+    def _get_v2_event(self, m: re.Match[str], _q: dict[str, Any]) -> _Response:
+        event = self._v2_events.get(m["id"])
+        if event is None:
+            raise _no_such("event", m["id"])
+        return _Response(200, copy.deepcopy(event))
 
     def _get_customer(self, m: re.Match[str], _q: dict[str, Any]) -> _Response:
         customer = self._customers.get(m["id"])

@@ -5,22 +5,13 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from billing.config import Settings
-from billing.telemetry import tracer_provider
 from tests.api_client import AUTH, api_client
 from tests.factories import fetch_value
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 async def test_org_project_and_plan_lifecycle(
@@ -82,7 +73,7 @@ async def test_lowering_a_free_limit_flags_projects_at_once(
         await http.put(f"/v1/orgs/{org_id}/projects/{project_id}", json={}, headers=AUTH)
         async with pool.connection() as conn:
             await conn.execute(
-                "SELECT increment_project_usage(%s, 'search.experience.agentic', date_trunc('month', now())::date, 60)",
+                "SELECT increment_project_usage(%s, 'search.experience.agentic', date_trunc('month', billing_now() AT TIME ZONE 'UTC')::date, 60)",
                 [project_id],
             )
         flagged_before = await fetch_value(
@@ -156,7 +147,6 @@ async def test_bad_admin_requests_get_a_clear_error_and_change_nothing(
 async def test_a_wrong_token_is_401_and_marked_unauthenticated_on_the_span(
     settings: Settings, pool: AsyncConnectionPool, client: Client, spans: InMemorySpanExporter
 ) -> None:
-    spans.clear()
     async with api_client(settings, pool, client) as http:
         missing = await http.get(f"/v1/orgs/{uuid.uuid4()}")
         wrong = await http.get(f"/v1/orgs/{uuid.uuid4()}", headers={"Authorization": "Bearer nope"})

@@ -1,4 +1,4 @@
-"""``billing dev`` as a user runs it: up, healthy, three schedules, Ctrl-C leaves nothing running."""
+"""``billing dev`` as a user runs it: up, healthy, its schedules, Ctrl-C leaves nothing running."""
 
 from __future__ import annotations
 
@@ -58,17 +58,41 @@ def _start_dev(
     return process, "".join(banner)
 
 
+def _descendants(root: int) -> dict[int, str]:
+    """Every live process under ``root`` (pid -> command line), read from /proc: only this test's own
+    process tree, never other dev servers on the machine."""
+    parents: dict[int, int] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended while we looked
+            continue
+        # The command name in parentheses may hold spaces; the fields after it are fixed.
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        commands[int(entry.name)] = command
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = commands[pid]
+                frontier.append(pid)
+    return found
+
+
 def _temporal_children(parent: int) -> list[int]:
-    result = subprocess.run(
-        ["pgrep", "-f", "temporal server start-dev"], capture_output=True, text=True, check=False
-    )
-    return [int(pid) for pid in result.stdout.split()]
+    """The Temporal dev servers that ``parent`` started (its descendants)."""
+    return [pid for pid, command in _descendants(parent).items() if "temporal server start-dev" in command]
 
 
 async def test_billing_dev_runs_everything_and_ctrl_c_stops_it_all(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     temporal_port, ui_port, api_port = _free_port(), _free_port(), _free_port()
-    before = set(_temporal_children(0))
 
     process, banner = _start_dev(data_dir, temporal_port, ui_port, api_port)
     try:
@@ -83,9 +107,15 @@ async def test_billing_dev_runs_everything_and_ctrl_c_stops_it_all(tmp_path: Pat
         assert ui.status_code == 200
         client = await Client.connect(f"127.0.0.1:{temporal_port}")
         schedules = sorted([entry.id async for entry in await client.list_schedules()])
-        assert schedules == ["monthly-close", "storage-overage-hourly", "usage-sync-hourly"]
+        assert schedules == [
+            "monthly-close",
+            "notifications-dispatch",
+            "retention-daily",
+            "storage-overage-hourly",
+            "usage-sync-hourly",
+        ]
         postgres_pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
-        started_here = set(_temporal_children(0)) - before
+        started_here = set(_temporal_children(process.pid))
         assert len(started_here) == 1
     finally:
         process.send_signal(signal.SIGINT)
@@ -93,10 +123,10 @@ async def test_billing_dev_runs_everything_and_ctrl_c_stops_it_all(tmp_path: Pat
     assert process.returncode == 0, rest
     assert "billing dev stopped" in rest
     deadline = time.monotonic() + 10
-    while (_alive(postgres_pid) or set(_temporal_children(0)) & started_here) and time.monotonic() < deadline:
+    while (_alive(postgres_pid) or any(map(_alive, started_here))) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     assert not _alive(postgres_pid), "embedded PostgreSQL left running"
-    assert not set(_temporal_children(0)) & started_here, "Temporal dev server left running"
+    assert not any(map(_alive, started_here)), "Temporal dev server left running"
 
     again, banner = _start_dev(data_dir, temporal_port, ui_port, api_port)
     try:

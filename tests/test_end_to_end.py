@@ -16,8 +16,8 @@ from temporalio.client import Client
 from api.app import create_app
 from billing.reconcile import reconcile
 from billing.stripe_client import make_stripe_client
-from tests.conftest import API_TOKEN, running_worker
-from tests.factories import make_org
+from tests.conftest import API_TOKEN, Clock, running_worker
+from tests.factories import fetch_value, make_org
 from tests.report_support import stripe_settings
 from tests.stripe_server import FakeStripe
 from tests.usage_support import day_start, month_start, row, utc_now
@@ -43,8 +43,9 @@ async def _sent(pool: AsyncConnectionPool, org_id: str) -> list[tuple[str, int]]
 
 
 async def test_pushed_overage_reaches_stripe_exactly_once_and_reconciles(
-    database_url: str, pool: AsyncConnectionPool, client: Client, fake: FakeStripe
+    database_url: str, pool: AsyncConnectionPool, client: Client, fake: FakeStripe, clock: Clock
 ) -> None:
+    await clock.freeze()  # "today" and the product's month stay one month for the whole test
     customer = fake.add_customer()
     org = await make_org(pool, plan="pro", projects=2, stripe_customer_id=customer)
     a, b = org.project_ids
@@ -67,7 +68,7 @@ async def test_pushed_overage_reaches_stripe_exactly_once_and_reconciles(
         for rows in [*pushes, pushes[-1]]:  # the last push twice: the same batch, counted once
             response = await http.post("/v1/metrics", json={"metrics": rows})
             assert response.status_code == 200, response.text
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a guard against hanging, not a timing expectation
         while {status for status, _ in await _sent(pool, org.id)} != {"sent"}:
             assert time.monotonic() < deadline, await _sent(pool, org.id)
             await asyncio.sleep(0.1)
@@ -80,4 +81,14 @@ async def test_pushed_overage_reaches_stripe_exactly_once_and_reconciles(
     report = await reconcile(pool, stripe_client, org.id, f"{month_start(today):%Y-%m}")
     assert report.matches, report
     assert {m.event_name: m.ledger for m in report.meters}["agent_tasks"] == 250
-    assert INCLUDED_PRO_TASKS + 250 == 50_140 + 110
+    # Stripe got exactly the org's month usage above the plan's included quantity, as stored.
+    included = await fetch_value(
+        pool, "SELECT included FROM plan_limits WHERE plan = 'pro' AND tag = 'task.created'"
+    )
+    used = await fetch_value(
+        pool,
+        "SELECT value FROM org_usage WHERE organization_id = %s AND tag = 'task.created' AND month = %s",
+        [org.id, month_start(today)],
+    )
+    assert (included, used) == (INCLUDED_PRO_TASKS, 50_140 + 110)
+    assert fake.total(customer, "agent_tasks") == used - included

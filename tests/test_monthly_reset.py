@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 from datetime import date
 
 from psycopg_pool import AsyncConnectionPool
@@ -65,8 +64,9 @@ async def test_twenty_concurrent_starts_and_one_after_completion_make_one_reset(
     )
     assert claims == 1
     assert closed == 42
-    # The visibility store is eventually consistent; the ID can only ever have one execution.
-    for _ in range(50):
+    # The visibility store is eventually consistent: wait (bounded generously) until it lists the
+    # execution; the ID can only ever have one.
+    for _ in range(600):
         if await _count_executions(client, workflow_id) == 1:
             break
         await asyncio.sleep(0.1)
@@ -92,7 +92,7 @@ async def test_a_failing_reset_is_retried_and_never_half_applied(
         started = await start_monthly_reset(client, settings.task_queue, org.id, "2026-11")
         assert started.started
         handle = client.get_workflow_handle(started.workflow_id, result_type=MonthlyResetResult)
-        for _ in range(100):
+        for _ in range(600):
             description = await handle.describe()
             pending = description.raw_description.pending_activities
             if pending and pending[0].attempt >= 2:
@@ -153,4 +153,3 @@ async def test_two_racing_cli_resets_leave_one_execution_and_one_claim(
         pool, "SELECT count(*) FROM monthly_resets WHERE organization_id = %s", [org.id]
     )
     assert claims == 1
-    assert sys.executable  # the CLI ran from this venv

@@ -222,6 +222,8 @@ def _billing(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]
 async def test_operator_block_and_unblock_with_the_cli_and_status_shows_the_state_machine(
     database_url: str, pool: AsyncConnectionPool, client: Client
 ) -> None:
+    from tests.test_operator_enforced import quota_answers, slow_billing_write
+
     org = await paid_org(pool, plan="pro")
     inv = sp.invoice(customer_id=customer_of(org.id), organization_id=org.id, subscription_id=None)
     async with harness(database_url, pool, client) as h:
@@ -233,28 +235,33 @@ async def test_operator_block_and_unblock_with_the_cli_and_status_shows_the_stat
         assert f"payment state machine (org-billing/{org.id}): ok, plan pro" in status.stdout
         assert f"recent: invoice.payment_failed {h.delivered and sorted(h.delivered)[0]}" in status.stdout
 
-        blocked = await asyncio.to_thread(_billing, h.settings, "block", org.id, "--reason", "chargeback")
-        assert blocked.returncode == 0, blocked.stderr
-        assert "why: blocked by operator: chargeback" in blocked.stdout
-        row = await h.billing_row(org.id)
-        assert (row["payment_status"], row["payment_status_reason"]) == (
-            "blocked",
-            "blocked by operator: chargeback",
-        )
-        assert len(await h.flags(org.id)) == 2 * len(TAGS)
+        # The guarantee, not the timing: with every write of the billing row delayed 1.5 s, the row
+        # and the flags are already committed when the command returns (issue 17, finding 2).
+        async with slow_billing_write(pool, org.id, 1.5):
+            blocked = await asyncio.to_thread(_billing, h.settings, "block", org.id, "--reason", "chargeback")
+            assert blocked.returncode == 0, blocked.stderr
+            assert "why: blocked by operator: chargeback" in blocked.stdout
+            assert await quota_answers(h, org) == [403, 403]
+            row = await h.billing_row(org.id)
+            assert (row["payment_status"], row["payment_status_reason"]) == (
+                "blocked",
+                "blocked by operator: chargeback",
+            )
+            assert len(await h.flags(org.id)) == 2 * len(TAGS)
 
-        unblocked = await asyncio.to_thread(
-            _billing, h.settings, "unblock", org.id, "--reason", "resolved", "--json"
-        )
-        assert unblocked.returncode == 0, unblocked.stderr
-        view = OrgBillingView.model_validate_json(unblocked.stdout)
-        assert view.payment_status == "ok"
-        assert [(a.action, a.reason) for a in view.operator_actions] == [
-            ("block", "chargeback"),
-            ("unblock", "resolved"),
-        ]
-        assert (await h.billing_row(org.id))["payment_status"] == "ok"
-        assert await h.flags(org.id) == set()
+            unblocked = await asyncio.to_thread(
+                _billing, h.settings, "unblock", org.id, "--reason", "resolved", "--json"
+            )
+            assert unblocked.returncode == 0, unblocked.stderr
+            assert await quota_answers(h, org) == [200, 200]
+            view = OrgBillingView.model_validate_json(unblocked.stdout)
+            assert view.payment_status == "ok"
+            assert [(a.action, a.reason) for a in view.operator_actions] == [
+                ("block", "chargeback"),
+                ("unblock", "resolved"),
+            ]
+            assert (await h.billing_row(org.id))["payment_status"] == "ok"
+            assert await h.flags(org.id) == set()
 
     unknown = await asyncio.to_thread(
         _billing, h.settings, "block", "00000000-0000-0000-0000-000000000000", "--reason", "x"

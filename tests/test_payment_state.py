@@ -662,8 +662,10 @@ def test_schedule_does_not_touch_a_pending_cancellation() -> None:
         sched_event("subscription_schedule.released", T0 + 2, status="released"),
     ]:
         t = apply_event(state, event)
-        assert t.outcome == "ignored: pending plan free comes from a cancellation"
-        assert t.state.pending_plan == "free"
+        # Recorded (whatever the order, the schedule's phase counts once the cancellation is undone),
+        # but the cancellation outranks it.
+        assert t.outcome == "applied"
+        assert (t.state.pending_plan, t.state.pending_plan_source) == ("free", "cancellation")
 
 
 def test_schedule_of_another_subscription_is_ignored() -> None:

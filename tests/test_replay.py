@@ -8,8 +8,10 @@ folder.
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import WorkflowHistory
@@ -21,9 +23,35 @@ from worker import WORKFLOWS
 HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"))
 
 
-def test_there_is_a_history_to_replay() -> None:
-    recorded = {path.stem for path in HISTORIES}
-    assert {"org_billing", "monthly_reset", "usage_sync", "stripe_report"} <= recorded
+def _events(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text())["events"]
+
+
+def test_every_workflow_type_has_a_recorded_history() -> None:
+    recorded = {
+        _events(path)[0]["workflowExecutionStartedEventAttributes"]["workflowType"]["name"]
+        for path in HISTORIES
+    }
+    assert recorded == {workflow.__name__ for workflow in WORKFLOWS}
+
+
+def test_failure_paths_are_recorded_too() -> None:
+    """Not only happy paths: an activity that failed and was retried, and a continue-as-new that
+    carried queued signals into the next run."""
+    retried = [
+        path.stem
+        for path in HISTORIES
+        for event in _events(path)
+        if int(event.get("activityTaskStartedEventAttributes", {}).get("attempt", 1)) > 1
+    ]
+    assert "monthly_reset_retried" in retried
+    carried = {}
+    for path in HISTORIES:
+        attributes = _events(path)[-1].get("workflowExecutionContinuedAsNewEventAttributes")
+        if attributes is not None:
+            data = json.loads(base64.b64decode(attributes["input"]["payloads"][0]["data"]))
+            carried[path.stem] = len(data.get("queue", []))
+    assert carried.get("org_billing_continued", 0) > 0, carried
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])

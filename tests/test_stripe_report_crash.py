@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import stripe
 from psycopg_pool import AsyncConnectionPool
@@ -68,12 +71,38 @@ def _worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
                 process.wait()
 
 
-async def _wait_for(condition: object, what: str, seconds: float = 30.0) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if condition():  # type: ignore[operator]
-            return
+def _hold_meter_event_call(fake: FakeStripe, number: int) -> tuple[threading.Event, threading.Event]:
+    """Hold the ``number``-th meter-event call inside Stripe (before Stripe processes it) until the
+    second event is set; the first is set when it arrives. A held call, not a slow one: the test
+    decides when it ends, so no kill has to beat a timer."""
+    arrived, release = threading.Event(), threading.Event()
+    handle = fake._handle
+    seen = itertools.count(1)
+
+    def held(req: Any) -> Any:
+        if req.path == "/v1/billing/meter_events" and next(seen) == number:
+            arrived.set()
+            release.wait(120)
+        return handle(req)
+
+    fake._handle = held  # type: ignore[method-assign]
+    return arrived, release
+
+
+async def _statuses(pool: AsyncConnectionPool, org_id: str) -> list[str]:
+    return [row["status"] for row in await outbox(pool, org_id)]
+
+
+async def _counted(fake: FakeStripe) -> int:
+    return len(counted_identifiers(fake))
+
+
+async def _until(read: Any, done: Any, what: str, seconds: float = 60) -> None:
+    """Wait for a condition the product guarantees (bounded; polled, never a fixed sleep)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not done(value := await read()):
+        assert asyncio.get_running_loop().time() < deadline, f"waited {seconds} s for {what}; last {value!r}"
         await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def _reconcile_cli(
@@ -92,42 +121,53 @@ async def _reconcile_cli(
 async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_and_reconciles(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, [1, 2, 3, 4, 5, 6])
+        identifiers = await queue_rows(pool, org.id, [1, 2, 3, 4, 5, 6], hour=hour)
         settings = stripe_settings(database_url, client, fake)
-        # Rows 1 and 2 are counted by Stripe inside the page's open transaction; row 3 is still being
-        # processed by Stripe when the worker dies.
-        fake.slow_next(1, 2.0, path_prefix="/v1/billing/meter_events", skip=2)
+        # Rows 1 and 2 are counted and recorded, each in its own short transaction; row 3 is inside
+        # Stripe when the worker dies (its call is held, not timed, until after the kill), with rows 4-6
+        # claimed under the same lease.
+        arrived, release = _hold_meter_event_call(fake, number=3)
         env = _env(settings, fake)
-        with _worker_process(env) as first:
-            starts = await start_stripe_reports(
-                client, settings.task_queue, [org.id], this_hour(), tuning=FAST
-            )
-            await _wait_for(lambda: any(r.fault == "slow" for r in fake.requests), "the slow third call")
-            first.send_signal(signal.SIGKILL)
-            first.wait()
-        assert first.returncode == -signal.SIGKILL
-        # The page never committed: every row is pending, though Stripe already counted two of them.
-        assert [r["status"] for r in await outbox(pool, org.id)] == ["pending"] * 6
-        assert counted_identifiers(fake) == identifiers[:2]
+        try:
+            with _worker_process(env) as first:
+                starts = await start_stripe_reports(client, settings.task_queue, [org.id], hour, tuning=FAST)
+                assert await asyncio.to_thread(arrived.wait, 60), "the third call never reached Stripe"
+                # Row 2's outcome is recorded while call 3 runs: wait for it, then kill.
+                await _until(
+                    lambda: _statuses(pool, org.id), lambda s: s[:2] == ["sent"] * 2, "rows 1-2 recorded"
+                )
+                first.send_signal(signal.SIGKILL)
+                first.wait()
+            assert first.returncode == -signal.SIGKILL
+            # What was recorded stays; the rest waits for the dead worker's lease to expire.
+            assert await _statuses(pool, org.id) == ["sent"] * 2 + ["sending"] * 4
+        finally:
+            release.set()  # Stripe finishes the dead client's call: row 3 is counted once, unanswered
+        await _until(lambda: _counted(fake), lambda n: n == 3, "Stripe to count the held call")
+        assert await asyncio.to_thread(fake.wait_idle, 30)
+        assert counted_identifiers(fake) == identifiers[:3]
 
         with _worker_process(env):
             handle = client.get_workflow_handle(starts.workflow_ids[0], result_type=StripeReportResult)
             result = await asyncio.wait_for(handle.result(), 60)
-        fake.wait_idle()
+        assert await asyncio.to_thread(fake.wait_idle, 30), "a Stripe call still in flight"
 
         assert counted_identifiers(fake) == identifiers
         assert fake.total(customer, "agent_tasks") == 21
         requests = meter_event_requests(fake)
-        assert [requests.count(i) for i in identifiers] == [2, 2, 2, 1, 1, 1]
+        # Only the row in flight at the kill was sent twice (same identifier, next key): counted once.
+        assert [requests.count(i) for i in identifiers] == [1, 1, 2, 1, 1, 1]
         rows = await outbox(pool, org.id)
         assert [r["status"] for r in rows] == ["sent"] * 6
+        assert [r["stripe_response"].get("deduplicated") for r in rows] == [None, None, True, None, None, None]
         assert result.sent == 6
         assert result.pending == 0
 
-        month = f"{this_hour():%Y-%m}"
+        month = f"{hour:%Y-%m}"
         matched = await _reconcile_cli(settings, fake, org.id, "--month", month)
         assert matched.returncode == 0, matched.stderr
         lines = matched.stdout.splitlines()
@@ -140,6 +180,7 @@ async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_an
             "  skill_blocks                        0              0           +0",
             "  storage_gb_hour                     0              0           +0",
             "all meters match",
+            f"  queued for {month}: sent 21 (6)",
         ]
 
         # An event that bypassed the outbox: Stripe counts 5 more than the ledger sent.
@@ -148,7 +189,7 @@ async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_an
             {
                 "event_name": "agent_tasks",
                 "identifier": "out-of-band-1",
-                "timestamp": int(this_hour().timestamp()),
+                "timestamp": int(hour.timestamp()),
                 "payload": {"stripe_customer_id": customer, "value": "5"},
             }
         )
@@ -186,12 +227,13 @@ async def test_reconcile_refuses_clearly_without_a_key_or_a_customer(
 async def test_billing_report_pending_starts_the_backlog_now(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     from tests.conftest import running_worker
 
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="team", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, [8, 9])
+        identifiers = await queue_rows(pool, org.id, [8, 9], hour=hour)
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
             done = await asyncio.to_thread(

@@ -160,7 +160,7 @@ def test_concurrent_duplicates_count_once(
     assert fake.total(customer, "agent_tasks") == 1
 
 
-def test_fail_next_500_surfaces_as_api_error_and_is_not_stored(
+def test_a_500_is_stored_under_its_key_and_replayed_until_the_key_expires(
     fake: FakeStripe, client: stripe.StripeClient, customer: str
 ) -> None:
     fake.fail_next(1, status=500, path_prefix="/v1/billing/")
@@ -169,12 +169,150 @@ def test_fail_next_500_surfaces_as_api_error_and_is_not_stored(
     with pytest.raises(stripe.APIError) as exc_info:
         client.v1.billing.meter_events.create(_event(customer, 1, "f-1"), opts)
     assert exc_info.value.http_status == 500
+    # As at Stripe, the 500 is the key's first result: a retry with the same key gets it again.
+    for _ in range(2):
+        with pytest.raises(stripe.APIError) as replayed:
+            client.v1.billing.meter_events.create(_event(customer, 1, "f-1"), opts)
+        assert replayed.value.http_status == 500
+        assert replayed.value.headers is not None
+        assert replayed.value.headers["Idempotent-Replayed"] == "true"
     assert fake.meter_events == []
+    assert [(r.fault, r.replayed) for r in fake.requests] == [("fail", False), (None, True), (None, True)]
 
-    # The injected failure happened "in front of" the API, so the same key executes normally now.
-    client.v1.billing.meter_events.create(_event(customer, 1, "f-1"), opts)
+    # A new key executes the request.
+    client.v1.billing.meter_events.create(_event(customer, 1, "f-1"), {"idempotency_key": "k-500-b"})
     assert fake.total(customer, "agent_tasks") == 1
-    assert [r.fault for r in fake.requests] == ["fail", None]
+
+    # 24 hours later the first key's stored 500 has expired; the identifier has too, so Stripe counts
+    # the same identifier again (which is why a sender must not resend after its horizon).
+    fake.advance(24 * 3600)
+    client.v1.billing.meter_events.create(_event(customer, 1, "f-1"), opts)
+    assert fake.total(customer, "agent_tasks") == 2
+
+
+def test_a_refusal_in_front_of_the_api_is_not_stored(
+    fake: FakeStripe, client: stripe.StripeClient, customer: str
+) -> None:
+    fake.fail_next(1, status=429)
+    opts: stripe.RequestOptions = {"idempotency_key": "k-429"}
+    with pytest.raises(stripe.RateLimitError):
+        client.v1.billing.meter_events.create(_event(customer, 1, "q-1"), opts)
+    client.v1.billing.meter_events.create(_event(customer, 1, "q-1"), opts)
+    assert fake.total(customer, "agent_tasks") == 1
+    assert [r.replayed for r in fake.requests] == [False, False]
+
+
+def test_stored_results_and_identifiers_expire_after_their_ttl(customer_fake: tuple[FakeStripe, str]) -> None:
+    fake, customer = customer_fake
+    client = stripe.StripeClient(API_KEY, base_addresses={"api": fake.url}, max_network_retries=0)
+    opts: stripe.RequestOptions = {"idempotency_key": "ttl-key"}
+    client.v1.billing.meter_events.create(_event(customer, 3, "ttl-1"), opts)
+    fake.advance(59)
+    replay = client.v1.billing.meter_events.create(_event(customer, 3, "ttl-1"), opts)
+    assert replay.last_response is not None and replay.last_response.headers["Idempotent-Replayed"] == "true"
+    with pytest.raises(stripe.InvalidRequestError) as exc_info:
+        client.v1.billing.meter_events.create(_event(customer, 3, "ttl-1"))
+    assert exc_info.value.code == "resource_already_exists"
+    assert fake.total(customer, "agent_tasks") == 3
+
+    fake.advance(1)  # both ttls (60 s here) have passed
+    fresh = client.v1.billing.meter_events.create(_event(customer, 3, "ttl-1"), opts)
+    assert fresh.last_response is not None and "Idempotent-Replayed" not in fresh.last_response.headers
+    assert fake.total(customer, "agent_tasks") == 6
+
+
+@pytest.fixture
+def customer_fake() -> Iterator[tuple[FakeStripe, str]]:
+    with FakeStripe(idempotency_ttl=60, identifier_ttl=60) as server:
+        yield server, server.add_customer()
+
+
+def test_a_second_request_with_a_key_in_use_gets_409(
+    fake: FakeStripe, client: stripe.StripeClient, customer: str
+) -> None:
+    fake.slow_next(1, 0.5, path_prefix="/v1/billing/meter_events")
+    opts: stripe.RequestOptions = {"idempotency_key": "busy-key"}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(client.v1.billing.meter_events.create, _event(customer, 2, "busy-1"), opts)
+        assert fake.wait_key_in_use("busy-key")
+        with pytest.raises(stripe.APIError) as exc_info:
+            client.v1.billing.meter_events.create(_event(customer, 2, "busy-1"), opts)
+        assert first.result().identifier == "busy-1"
+    assert exc_info.value.http_status == 409
+    # stripe-python 16 does not copy the code onto APIError; it is in the body.
+    assert exc_info.value.json_body is not None
+    assert exc_info.value.json_body["error"]["code"] == "idempotency_key_in_use"
+    # The 409 is not stored: the next retry replays the first request's result.
+    replay = client.v1.billing.meter_events.create(_event(customer, 2, "busy-1"), opts)
+    assert replay.last_response is not None and replay.last_response.headers["Idempotent-Replayed"] == "true"
+    assert fake.total(customer, "agent_tasks") == 2
+
+
+def test_an_injected_409_is_key_in_use_and_not_stored(
+    fake: FakeStripe, client: stripe.StripeClient, customer: str
+) -> None:
+    fake.fail_next(1, status=409)
+    opts: stripe.RequestOptions = {"idempotency_key": "k-409"}
+    with pytest.raises(stripe.APIError) as exc_info:
+        client.v1.billing.meter_events.create(_event(customer, 1, "c-1"), opts)
+    assert exc_info.value.http_status == 409
+    assert exc_info.value.json_body is not None
+    assert exc_info.value.json_body["error"]["code"] == "idempotency_key_in_use"
+    client.v1.billing.meter_events.create(_event(customer, 1, "c-1"), opts)
+    assert fake.total(customer, "agent_tasks") == 1
+
+
+def test_a_rotated_key_gets_401_and_a_restricted_key_403(
+    fake: FakeStripe, client: stripe.StripeClient, customer: str
+) -> None:
+    fake.set_api_key("sk_test_new")
+    with pytest.raises(stripe.AuthenticationError) as exc_info:
+        client.v1.billing.meter_events.create(_event(customer, 1, "k-1"))
+    assert exc_info.value.http_status == 401
+    fake.set_api_key(None)
+    fake.forbid_key(API_KEY, path_prefix="/v1/billing/meter_events")
+    with pytest.raises(stripe.PermissionError) as forbidden:
+        client.v1.billing.meter_events.create(_event(customer, 1, "k-1"), {"idempotency_key": "k-403"})
+    assert forbidden.value.http_status == 403
+    assert client.v1.customers.retrieve(customer).id == customer  # other paths still allowed
+    fake.allow_key(API_KEY)
+    # Neither refusal was stored under the key.
+    client.v1.billing.meter_events.create(_event(customer, 1, "k-1"), {"idempotency_key": "k-403"})
+    assert fake.total(customer, "agent_tasks") == 1
+
+
+def test_an_inactive_or_missing_meter_is_refused(
+    fake: FakeStripe, client: stripe.StripeClient, customer: str
+) -> None:
+    fake.deactivate_meter("agent_tasks")
+    with pytest.raises(stripe.InvalidRequestError) as exc_info:
+        client.v1.billing.meter_events.create(_event(customer, 1, "m-1"))
+    assert "No active meter" in str(exc_info.value.user_message)
+    fake.reactivate_meter("agent_tasks")
+    client.v1.billing.meter_events.create(_event(customer, 1, "m-1"))
+    fake.remove_meter("skill_blocks")
+    with pytest.raises(stripe.InvalidRequestError):
+        client.v1.billing.meter_events.create(_event(customer, 1, "m-2") | {"event_name": "skill_blocks"})
+    assert fake.total(customer, "agent_tasks") == 1
+
+
+def test_meter_event_summaries_lag_when_asked_to(
+    fake: FakeStripe, client: stripe.StripeClient, customer: str
+) -> None:
+    fake.set_summary_lag(120)
+    start = _minute(int(time.time())) - 600
+    client.v1.billing.meter_events.create(_event(customer, 5, "lag-1", timestamp=start + 5))
+    meter_id = fake.meter_id("agent_tasks")
+
+    def summed() -> int:
+        page = client.v1.billing.meters.event_summaries.list(
+            meter_id, {"customer": customer, "start_time": start, "end_time": start + 60}
+        )
+        return int(page.data[0].aggregated_value)
+
+    assert summed() == 0
+    fake.advance(120)
+    assert summed() == 5
 
 
 def test_fail_next_429_surfaces_as_rate_limit_error(
@@ -380,3 +518,35 @@ def test_signature_helper_verifies_with_stripe_python() -> None:
     stale = sign_payload(payload, secret, timestamp=int(time.time()) - 3600)
     with pytest.raises(stripe.SignatureVerificationError):
         stripe.Webhook.construct_event(payload, stale, secret, tolerance=300)
+
+
+def test_a_payload_signed_with_several_secrets_verifies_with_either() -> None:
+    payload = json.dumps({"id": "evt_2", "object": "event", "type": "invoice.paid", "data": {"object": {}}})
+    header = sign_payload(payload, ["whsec_old", "whsec_new"])
+    assert header.count("v1=") == 2
+    for secret in ("whsec_old", "whsec_new"):
+        assert stripe.Webhook.construct_event(payload, header, secret).id == "evt_2"
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.Webhook.construct_event(payload, header, "whsec_other")
+
+
+def test_meter_error_notifications_parse_and_fetch_through_stripe_python(
+    fake: FakeStripe, client: stripe.StripeClient
+) -> None:
+    body = fake.meter_error_notification(
+        "agent_tasks", code="meter_event_customer_not_found", message="no customer", identifiers=["id-1"]
+    )
+    header = sign_payload(body, "whsec_meter")
+    notification = client.parse_event_notification(body, header, "whsec_meter")
+    assert notification.type == "v1.billing.meter.error_report_triggered"
+    event = notification.fetch_event()
+    error_type = event.data.reason.error_types[0]
+    assert (error_type.code, error_type.error_count) == ("meter_event_customer_not_found", 1)
+    assert error_type.sample_errors[0].request.identifier == "id-1"
+    assert notification.related_object.id == fake.meter_id("agent_tasks")
+
+    missing = fake.meter_error_notification("renamed", event_type="v1.billing.meter.no_meter_found",
+                                            code="no_meter", identifiers=["id-2"])
+    parsed = client.parse_event_notification(missing, sign_payload(missing, "whsec_meter"), "whsec_meter")
+    assert parsed.type == "v1.billing.meter.no_meter_found"
+    assert parsed.fetch_event().data.reason.error_types[0].code == "no_meter"

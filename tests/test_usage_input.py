@@ -7,11 +7,9 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import httpx
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from psycopg_pool import AsyncConnectionPool
 
-from billing.telemetry import tracer_provider
 from tests.factories import make_org
 from tests.usage_support import day_start, http, push, row, usage_snapshot, utc_now
 
@@ -102,23 +100,28 @@ async def test_over_100000_rows_or_a_huge_body_is_413(
     assert too_many.status_code == 413
     assert too_many.json()["msg"] == "100,001 rows exceed the limit of 100,000 rows per push"
 
+    pulled = 0
+
     async def endless() -> AsyncIterator[bytes]:
         # Streamed without a Content-Length: refused once 64 MiB have arrived, not after the lot.
+        nonlocal pulled
         chunk = b" " * (1024 * 1024)
         for _ in range(200):
+            pulled += 1
             yield chunk
 
     streamed = await http.post("/v1/metrics", content=endless())
     assert streamed.status_code == 413
     assert streamed.json()["msg"] == "body exceeds 67,108,864 bytes"
+    # Reading stopped at the chunk that crossed 64 MiB: the 135 MiB after it were never pulled.
+    assert pulled == 65
     assert await usage_snapshot(pool) == before
 
 
 async def test_a_wrong_token_is_401_and_marked_on_the_span(
-    http: httpx.AsyncClient, pool: AsyncConnectionPool
+    http: httpx.AsyncClient, pool: AsyncConnectionPool, spans: InMemorySpanExporter
 ) -> None:
-    exporter = InMemorySpanExporter()
-    tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
+    exporter = spans  # taken off the global tracer provider after the test (conftest)
     before = await usage_snapshot(pool)
     try:
         for headers in ({"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": ""}):

@@ -6,8 +6,10 @@ import asyncio
 from datetime import date, timedelta
 
 import httpx
+import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from billing.config import Settings
 from billing.models import MonthlyResetResult
@@ -78,7 +80,9 @@ async def test_syncs_racing_the_monthly_reset_lose_nothing_and_keep_last_months_
         "SELECT value FROM closed_month_usage WHERE organization_id = %s AND tag = 'task.created'",
         [org.id],
     )
-    assert closed in (100, 130, 150)  # the snapshot at close; later growth stays in that month
+    # The snapshot at close: both syncs carry this month's rows, so each waited for the reset (claim and
+    # close are one transaction) before applying anything; their late growth landed after the close.
+    assert closed == 100
     claims = await fetch_value(
         pool, "SELECT count(*) FROM monthly_resets WHERE organization_id = %s", [org.id]
     )
@@ -115,6 +119,10 @@ async def test_an_org_whose_reset_fails_is_held_back_with_503_and_a_repush_appli
             f"CREATE TRIGGER {trigger_function} BEFORE INSERT ON monthly_resets "
             f"FOR EACH ROW EXECUTE FUNCTION {trigger_function}()"
         )
+    # The healthy org's reset is done before the push, so the push needs none for it and the wait
+    # below is only the failing org's (whose reset cannot complete while the trigger is there).
+    done = await start_monthly_reset(client, settings.task_queue, healthy.id, month_key(this_month))
+    assert (await client.get_workflow_handle(done.workflow_id, result_type=MonthlyResetResult).result()).claimed
     http_app = http._transport.app  # type: ignore[attr-defined]
     http_app.state.reset_wait_seconds = 2.0
     rows = [
@@ -217,7 +225,7 @@ async def test_a_new_orgs_first_push_opens_this_month_without_a_reset(
     assert claimed == [month_start(now)]
     assert await org_usage(pool, org.id, "task.created", month_start(now)) == 3
     assert await org_usage(pool, org.id, "task.created", month_start(last_month_day(now))) == 8
-    resets = [
-        wf async for wf in client.list_workflows(f"WorkflowId = 'monthly-reset/{org.id}/{month_key(now)}'")
-    ]
-    assert resets == []
+    # Asked by ID (consistent), not through the visibility index, which lags and would pass vacuously.
+    with pytest.raises(RPCError) as missing:
+        await client.get_workflow_handle(f"monthly-reset/{org.id}/{month_key(now)}").describe()
+    assert missing.value.status == RPCStatusCode.NOT_FOUND

@@ -368,9 +368,9 @@ async def test_out_of_range_times_and_control_characters_in_tags_are_rejected_ro
         {"index": 1, "reason": "created_at is not between 2000-01-01 and now: '0001-01-01T00:00:00+01:00'"},
         {"index": 2, "reason": "created_at is not between 2000-01-01 and now: '9999-12-31T23:59:59-14:00'"},
         {"index": 3, "reason": "updated_at is in the future"},
-        {"index": 4, "reason": "tag contains a control character: 'task.created\\x00'"},
-        {"index": 5, "reason": "tag contains a control character: 'task\\x07created'"},
-        {"index": 6, "reason": "tag is longer than 200 characters"},
+        {"index": 4, "reason": "tag must not contain control characters (found U+0000): 'task.created\\x00'"},
+        {"index": 5, "reason": "tag must not contain control characters (found U+0007): 'task\\x07created'"},
+        {"index": 6, "reason": f"tag is longer than 200 characters: '{'t' * 76}..."},
     ]
     assert await usage_snapshot(pool) == before
 

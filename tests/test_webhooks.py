@@ -202,9 +202,15 @@ async def test_503_when_postgres_or_temporal_cannot_take_the_event_and_a_redeliv
         h.http._transport.app.state.client = client  # type: ignore[attr-defined]
         response = await h.post(failed)
         assert response.status_code == 503
+        assert (response.json()["code"], response.json()["error"]) == (503, "unavailable")
+        assert response.json()["msg"].startswith(f"event {failed['id']} could not be "), response.json()
+        assert "PostgreSQL" in response.json()["msg"], response.json()
+        # Nothing was handed over: no workflow for the org, the event row as the first attempt left it.
+        assert not await _workflow_exists(client, org.id)
+        h.http._transport.app.state.pool = pool  # type: ignore[attr-defined]
+        assert (await h.webhook_rows(org.id))[failed["id"]] == ("received", None)
 
         # The redelivery after the failed signal is signalled and applied.
-        h.http._transport.app.state.pool = pool  # type: ignore[attr-defined]
         await h.deliver(failed)
         assert (await h.settle(org.id)).payment_status == "blocked"
         assert (await h.webhook_rows(org.id))[failed["id"]] == ("applied", "applied")

@@ -13,8 +13,9 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from api.app import create_app
+from billing.clock import utcnow
 from billing.config import Settings
-from tests.conftest import API_TOKEN
+from tests.conftest import API_TOKEN, Clock
 
 COUNTERS = ("search.experience.agentic", "search.experience.embedding", "space.learned", "task.created")
 ALL_TAGS = (
@@ -27,7 +28,8 @@ ALL_TAGS = (
 
 
 def utc_now() -> datetime:
-    return datetime.now(UTC)
+    """Now by ``billing.clock`` (pinned for the test by the ``http`` fixture's clock)."""
+    return utcnow()
 
 
 def day_start(moment: datetime) -> datetime:
@@ -47,21 +49,33 @@ def last_month_day(now: datetime) -> datetime:
 def row(
     project_id: str, tag: str, created_at: datetime, total: int, *, updated_at: datetime | None = None
 ) -> dict[str, Any]:
-    """One counter row as the core service pushes it."""
+    """One counter row as the core service pushes it.
+
+    Without ``updated_at``, the row last grew a little after it was created (more for a larger total),
+    but never after the test's "now": early in a UTC day, today's row cannot have grown an hour ago.
+    """
+    if updated_at is None:
+        grown = created_at + timedelta(seconds=total % 3600 + 1)
+        updated_at = min(grown, max(created_at, utc_now()))
     return {
         "project_id": project_id,
         "tag": tag,
         "created_at": created_at.isoformat(),
-        "updated_at": (updated_at or created_at + timedelta(seconds=total % 3600 + 1)).isoformat(),
+        "updated_at": updated_at.isoformat(),
         "increment": total,
     }
 
 
 @pytest.fixture
 async def http(
-    settings: Settings, pool: AsyncConnectionPool, client: Client, worker: Worker
+    settings: Settings, pool: AsyncConnectionPool, client: Client, worker: Worker, clock: Clock
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The real API app on the test's task queue, a worker running, authenticated by default."""
+    """The real API app on the test's task queue, a worker running, authenticated by default.
+
+    The test's clock is pinned at the present (SQL and Python), so rows dated "today" and the month
+    the product sees stay one month even when the test runs across midnight at a month's end.
+    """
+    await clock.freeze()
     app = create_app(settings, pool, client)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),

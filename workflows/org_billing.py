@@ -1,11 +1,24 @@
 """``org-billing/{org_id}``: one long-lived workflow per organization runs the payment state machine.
 
-Signals (Stripe events from the webhook receiver, operator block/unblock from the CLI) go into a queue
-and are processed one at a time, so concurrent deliveries for one org are serialised. Each is applied
-with the pure reducer (workflows/payment_state.py) and its effects are carried out by activities
-(activities/payments.py): the billing row and quota flags in one transaction, Stripe calls with an
-Idempotency-Key derived from the event. A Stripe refusal (4xx), or a call that kept failing for an hour,
-is recorded in the state and the workflow carries on; it never fails or wedges the org.
+Stripe events (signals from the webhook receiver) and operator block/unblock (Temporal Updates from the
+CLI, sent with update-with-start) go into one queue and are processed one at a time, so concurrent
+deliveries for one org are serialised. Each is applied with the pure reducer (workflows/payment_state.py)
+and its effects are carried out by activities (activities/payments.py): the billing row and quota flags
+in one transaction, Stripe calls with an Idempotency-Key derived from the event. A Stripe refusal (4xx),
+or a call that kept failing for an hour, is recorded in the state and the workflow carries on; it never
+fails or wedges the org.
+
+When things are written (issue 11, finding 6: acknowledged means enforced):
+
+* an operator update returns only after the billing row (status and reason always written, whatever the
+  dashboard wrote meanwhile) and the recomputed quota flags are committed, so when `billing block`
+  returns the gateway already refuses the org's writes;
+* a Stripe-driven change of `payment_status` or the plan is written (row and flags) as soon as the
+  reducer makes it, and anything pending is written before any Stripe call, so a slow Stripe never
+  holds back enforcement; the other columns are written once a burst is drained.
+
+The old `operator_block` / `operator_unblock` signals are still accepted (for callers of the previous
+version); they are applied the same way but nothing waits for them.
 
 The workflow continues as new after ``max_events_per_run`` signals or when Temporal suggests it, carrying
 the state and every queued signal into the next run, so nothing is lost and the history stays small.
@@ -14,6 +27,7 @@ the state and every queued signal into the next run, so nothing is lost and the 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Literal
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -73,6 +87,7 @@ STRIPE_RETRY = RetryPolicy(
 )
 MAX_REASON_CHARS = 1000
 MAX_OPERATOR_REQUEST_IDS = 20
+STRIPE_EFFECTS = (ScheduleDowngrade, RevokeDowngrade, ResolvePlan, ResolveInvoiceKind)
 # A burst of events is written to PostgreSQL once it is drained, and at least every this many events,
 # so a steady stream never holds the billing row (and a block's quota flags) back for long.
 BILLING_WRITE_EVERY = 20
@@ -117,6 +132,10 @@ class OrgBillingWorkflow:
         # compared with `_written`). Writes wait until the queue is drained: a burst of events for the
         # org costs one transaction, not one per event.
         self._recompute_pending = False
+        self._written_customer = self._state.stripe_customer_id
+        # Operator request ids an update handler waits on, and those whose billing write is committed.
+        self._awaited: set[str] = set()
+        self._committed: set[str] = set()
 
     # ---------------------------------------------------------------- signals and query
 
@@ -134,6 +153,30 @@ class OrgBillingWorkflow:
     def operator_unblock(self, request: OperatorRequest) -> None:
         """`billing unblock`: lift the operator block and every open metered failure."""
         self._queue.append(QueuedSignal(kind="operator_unblock", operator=request))
+
+    @workflow.update(name="block")
+    async def block(self, request: OperatorRequest) -> OrgBillingView:
+        """`billing block`: returns once the org is blocked in PostgreSQL (row and every flag)."""
+        return await self._operator_update("operator_block", request)
+
+    @workflow.update(name="unblock")
+    async def unblock(self, request: OperatorRequest) -> OrgBillingView:
+        """`billing unblock`: returns once the status is written and the flags are recomputed."""
+        return await self._operator_update("operator_unblock", request)
+
+    async def _operator_update(
+        self, kind: Literal["operator_block", "operator_unblock"], request: OperatorRequest
+    ) -> OrgBillingView:
+        request_id = request.request_id or str(workflow.uuid4())
+        request = request.model_copy(update={"request_id": request_id})
+        # A retried request (the CLI run again after a timeout) is answered, not applied twice; the
+        # recent ids are carried across continue-as-new.
+        if request_id not in self._committed and request_id not in self._operator_request_ids:
+            self._awaited.add(request_id)
+            self._queue.append(QueuedSignal(kind=kind, operator=request))
+            await workflow.wait_condition(lambda: request_id in self._committed)
+            self._awaited.discard(request_id)
+        return self.state()
 
     @workflow.query(name="state")
     def state(self) -> OrgBillingView:
@@ -175,9 +218,16 @@ class OrgBillingWorkflow:
         self._show_details()
         while True:
             await workflow.wait_condition(lambda: bool(self._queue) or self._should_continue_as_new())
-            if self._should_continue_as_new():
-                break
-            item = self._queue.pop(0)
+            if self._should_continue_as_new() and not self._awaited_operator_items():
+                # An operator update in flight has its item in the queue: it is applied first (below),
+                # so no update is left waiting across continue-as-new. One that arrives while the
+                # last writes run is applied too before this run ends.
+                await self._flush_billing()
+                await self._flush_marks()
+                if not self._awaited_operator_items():
+                    break
+                continue
+            item = self._next_item()
             await self._process(item)
             self._events_applied += 1
             self._run_events += 1
@@ -187,10 +237,10 @@ class OrgBillingWorkflow:
             self._upsert_payment_status()
             self._show_details()
 
-        # Signal handlers only append to the queue; wait for any in flight, then carry the queue over.
+        # Signal handlers only append to the queue; an operator update waits until its item is applied,
+        # which the loop above guarantees before it stops (an answered update may still be returning).
+        # Nothing is awaited between here and continuing, so no new update can slip in unanswered.
         await workflow.wait_condition(workflow.all_handlers_finished)
-        await self._flush_billing()
-        await self._flush_marks()
         workflow.continue_as_new(
             OrgBillingInput(
                 org_id=self._org_id,
@@ -202,6 +252,20 @@ class OrgBillingWorkflow:
                 operator_request_ids=self._operator_request_ids,
             )
         )
+
+    def _awaited_operator_items(self) -> list[int]:
+        """Queue positions of operator items an update handler is waiting on."""
+        return [
+            i
+            for i, item in enumerate(self._queue)
+            if item.operator is not None and item.operator.request_id in self._awaited
+        ]
+
+    def _next_item(self) -> QueuedSignal:
+        """The queue's head, except when continuing as new is due: then the operator items awaited."""
+        if self._should_continue_as_new():
+            return self._queue.pop(self._awaited_operator_items()[0])
+        return self._queue.pop(0)
 
     def _should_continue_as_new(self) -> bool:
         return self._run_events >= self._max_events_per_run or workflow.info().is_continue_as_new_suggested()
@@ -217,6 +281,7 @@ class OrgBillingWorkflow:
             "load_org_billing", OrgRef(org_id=self._org_id), OrgBillingRow
         )
         self._written = {column: getattr(row, column) for column in BILLING_COLUMNS} if row.found else {}
+        self._written_customer = row.stripe_customer_id
         if not row.found:
             workflow.logger.warning("org %s has no billing row; starting from plan free", self._org_id)
             return
@@ -225,6 +290,7 @@ class OrgBillingWorkflow:
             pending_plan=row.pending_plan,
             period_end=row.period_end,
             subscription_id=row.subscription_id,
+            stripe_customer_id=row.stripe_customer_id,
             operator_block=OperatorBlock(
                 reason=f"blocked before org-billing started ({row.payment_status_reason or 'no reason given'})",
                 at=int(workflow.now().timestamp()),
@@ -246,15 +312,25 @@ class OrgBillingWorkflow:
             action = "block" if item.kind == "operator_block" else "unblock"
             now = int(workflow.now().timestamp())
             transition = apply_operator(self._state, action, item.operator.reason, at=now)
-            await self._run_transition(transition, None)
+            await self._run_transition(transition, None, write_early=False)
+            # Acknowledged means enforced: the status is written whatever the row says now (the
+            # dashboard may have written `blocked` itself) and the flags recomputed, before any reply.
+            await self._flush_billing(force_status=True)
             if item.operator.request_id:
+                self._committed.add(item.operator.request_id)
                 self._operator_request_ids = [*self._operator_request_ids, item.operator.request_id][
                     -MAX_OPERATOR_REQUEST_IDS:
                 ]
             self._last_outcome = f"operator {action}: {item.operator.reason}"
 
-    async def _run_transition(self, transition: Transition, event: BillingEvent | None) -> None:
-        """Adopt a transition's state, then carry out its effects (which may lead to more transitions)."""
+    async def _run_transition(
+        self, transition: Transition, event: BillingEvent | None, *, write_early: bool = True
+    ) -> None:
+        """Adopt a transition's state, then carry out its effects (which may lead to more transitions).
+
+        With `write_early`, a changed status or plan is written at once, and anything unwritten before
+        a Stripe call; an operator action (no Stripe calls) writes once, forced, right after.
+        """
         pending: list[tuple[Transition, BillingEvent | None]] = [(transition, event)]
         while pending:
             current, source = pending.pop(0)
@@ -265,6 +341,11 @@ class OrgBillingWorkflow:
             # The billing row follows the state (written by _flush_billing); flags need asking for.
             if any(isinstance(e, RecomputeQuota) for e in effects):
                 self._recompute_pending = True
+            calls_stripe = any(isinstance(e, STRIPE_EFFECTS) for e in effects)
+            if write_early and (self._enforcement_changed() or (calls_stripe and self._unwritten())):
+                # Status and plan are what the gateway enforces: written now, not at the end of the
+                # burst, and never behind a Stripe call that may take an hour.
+                await self._flush_billing()
             for effect in effects:
                 follow_up = await self._carry_out(effect, source)
                 if follow_up is not None:
@@ -328,14 +409,37 @@ class OrgBillingWorkflow:
             retry_policy=STRIPE_RETRY,
         )
 
-    async def _flush_billing(self) -> None:
-        """Write what changed of the billing view (the row, its reasons) and recompute quota flags for
-        this month if an event asked for it; nothing when nothing changed."""
+    def _enforcement_changed(self) -> bool:
+        """Whether the plan or payment status (what the flags follow) differs from what is written."""
+        view = _billing_view(self._state)
+        return self._recompute_pending or any(
+            view[column] != self._written.get(column) for column in ("plan", "payment_status")
+        )
+
+    def _unwritten(self) -> bool:
+        """Whether anything of the billing view (the customer included) is not written yet."""
+        view = _billing_view(self._state)
+        return (
+            self._recompute_pending
+            or self._state.stripe_customer_id != self._written_customer
+            or any(view[column] != self._written.get(column) for column in BILLING_COLUMNS)
+        )
+
+    async def _flush_billing(self, *, force_status: bool = False) -> None:
+        """Write what changed of the billing view (the row, its reasons, a newly learned Stripe customer)
+        and recompute quota flags for this month if an event asked for it; nothing when nothing changed.
+
+        `force_status` (operator actions) writes the status and its reason and recomputes the flags even
+        when the workflow believes the row already says so.
+        """
         s = self._state
         view = _billing_view(s)
         columns = [column for column in BILLING_COLUMNS if view[column] != self._written.get(column)]
-        recompute = self._recompute_pending
-        if not columns and not recompute:
+        if force_status:
+            columns = list(dict.fromkeys([*columns, "payment_status", "payment_status_reason"]))
+        recompute = self._recompute_pending or force_status
+        customer = s.stripe_customer_id if s.stripe_customer_id != self._written_customer else None
+        if not columns and not recompute and customer is None:
             return
         await run_db_activity(
             "sync_org_billing",
@@ -350,10 +454,12 @@ class OrgBillingWorkflow:
                 columns=columns,
                 recompute_quota=recompute,
                 month=month_key(workflow.now()),
+                stripe_customer_id=customer,
             ),
             SyncOrgBillingResult,
         )
         self._written = view
+        self._written_customer = s.stripe_customer_id
         self._recompute_pending = False
 
     async def _flush_marks(self) -> None:

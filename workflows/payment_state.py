@@ -22,8 +22,21 @@ Decisions where the contract is silent are documented on the functions below; th
   `invoice.marked_uncollectible` opens (or keeps open) a failure for it: the money was not collected.
 * Ordering is per object with Stripe's one-second `created`: an event is stale only when strictly older
   than the last applied event for that object, so two events of the same second both apply.
-* Terminal subscription events for a subscription other than the org's current one are ignored, so a
-  late `customer.subscription.deleted` of an old subscription cannot reset the plan of a new one.
+* Subscription order does not matter (issue 11, finding 5). Subscriptions that have ended are
+  remembered (`ended_subscriptions`) and every later event about them (or their schedules) is ignored.
+  An event of a subscription other than the current one is ignored when it is older than the newest
+  applied event of a live subscription (`live_subscription_created`), so a late update of the old
+  subscription of an upgrade cannot take the org back. Terminal events of a non-current subscription
+  never reset the plan; with no current subscription the plan is the one the most recently ended
+  subscription left (by its terminal event's `created`), whatever order the ends arrived in. Ties:
+  Stripe's `created` has one-second resolution, so two subscriptions' events of the same second are
+  applied in arrival order.
+* `pending_plan` is derived (`_derive_pending_plan`) from its sources, so that no order of failures,
+  cancellations and schedules changes it: an open plan failure means `free` (the downgrade we schedule
+  overrides the subscription's own `downgrade_to`), else the current subscription's scheduled
+  cancellation, else the schedule's next phase.
+* The org records the Stripe customer of the first event it gets when it has none
+  (`stripe_customer_id`), never re-points a recorded one (the webhook receiver routes by customer).
 * When paying a plan invoice lifts the last plan failure, the downgrade we scheduled for it is revoked
   (`RevokeDowngrade`): a customer who paid keeps their plan.
 """
@@ -32,7 +45,7 @@ from __future__ import annotations
 
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from billing.stripe_events import BillingEvent, InvoiceKind, Plan, validate_plan
 
@@ -53,6 +66,8 @@ MAX_LAST_APPLIED: Final = 1_000
 MAX_RECENT_EVENTS: Final = 50
 MAX_OPERATOR_ACTIONS: Final = 50
 MAX_DOWNGRADE_ERRORS: Final = 20
+# Ended subscriptions remembered so that their late events are ignored; an org has a handful in its life.
+MAX_ENDED_SUBSCRIPTIONS: Final = 100
 
 ACTIVE_SUBSCRIPTION_STATUSES: Final[frozenset[str]] = frozenset({"active", "trialing"})
 TERMINAL_SUBSCRIPTION_STATUSES: Final[frozenset[str]] = frozenset(
@@ -104,6 +119,13 @@ class RecentEvent(BaseModel):
     outcome: str
 
 
+class EndedSubscription(BaseModel):
+    """A subscription that has ended: when (its terminal event's `created`) and the plan it left."""
+
+    created: int
+    plan: Plan
+
+
 class StripeRefusal(BaseModel):
     """A Stripe call that was refused for good (a 4xx); shown in the state, never retried."""
 
@@ -122,6 +144,12 @@ class PaymentState(BaseModel):
     # a scheduled cancellation set, and so that paying the failed plan invoice withdraws the downgrade
     # its failure announced ("payment_failure") but not one Stripe confirmed ("cancellation").
     pending_plan_source: Literal["schedule", "cancellation", "payment_failure"] | None = None
+    # `pending_plan` is derived from these (see `_derive_pending_plan`), so that it does not depend on
+    # the order in which failures, cancellations and schedules arrive: an open plan failure means `free`
+    # (the downgrade we schedule overrides the subscription's own `downgrade_to`), else the current
+    # subscription's scheduled cancellation, else the schedule's next phase.
+    cancellation_pending: Plan | None = None
+    schedule_pending: Plan | None = None
     period_end: int | None = None
     subscription_id: str | None = None
 
@@ -141,9 +169,33 @@ class PaymentState(BaseModel):
         default_factory=dict,
         description="`created` of the last applied event, per invoice/subscription/schedule",
     )
+    ended_subscriptions: dict[str, EndedSubscription] = Field(
+        default_factory=dict,
+        description="subscriptions known to have ended: their later events change nothing",
+    )
+    live_subscription_created: int | None = Field(
+        default=None, description="`created` of the newest applied event of a live (not ended) subscription"
+    )
+    stripe_customer_id: str | None = Field(
+        default=None, description="the org's Stripe customer, recorded from its first event when unknown"
+    )
     seen_event_ids: list[str] = Field(default_factory=list)
     recent_events: list[RecentEvent] = Field(default_factory=list)
     downgrade_errors: list[StripeRefusal] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _pending_components(self) -> PaymentState:
+        """A state given only `pending_plan` (seeded from the database, or carried over from a run that
+        predates the components) keeps it: it is attributed to its source."""
+        if self.pending_plan is not None and (self.cancellation_pending, self.schedule_pending) == (
+            None,
+            None,
+        ):
+            if self.pending_plan_source == "cancellation":
+                self.cancellation_pending = self.pending_plan
+            elif self.pending_plan_source != "payment_failure" or not self.failed_plan:
+                self.schedule_pending = self.pending_plan
+        return self
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -283,7 +335,13 @@ def apply_event(state: PaymentState, event: BillingEvent) -> Transition:
     warnings = list(event.warnings)
     effects: list[Effect] = []
 
-    if new.last_applied.get(event.object_id, -1) > event.created:
+    if new.stripe_customer_id is None and event.customer_id:
+        # Routed here by metadata because no org had this customer: the org records it (the Stripe
+        # report sender needs it). A recorded customer is never re-pointed.
+        new.stripe_customer_id = event.customer_id
+    if event.object_kind == "subscription" and event.object_id in new.ended_subscriptions:
+        outcome = f"ignored: subscription {event.object_id} has ended"
+    elif new.last_applied.get(event.object_id, -1) > event.created:
         outcome = "stale"
     elif event.object_kind == "invoice":
         outcome = _apply_invoice_event(new, event, effects, warnings)
@@ -294,6 +352,7 @@ def apply_event(state: PaymentState, event: BillingEvent) -> Transition:
 
     if outcome == "applied":
         _mark_applied(new, event.object_id, event.created)
+    _derive_pending_plan(new)
     _remember_recent(new, RecentEvent(id=event.id, type=event.type, created=event.created, outcome=outcome))
     return Transition(
         state=new, effects=_sync_effects(state, new) + effects, outcome=outcome, warnings=warnings
@@ -340,6 +399,7 @@ def apply_resolved_invoice_kind(state: PaymentState, event: BillingEvent, kind: 
     warnings: list[str] = []
     resolved = event.model_copy(update={"invoice_kind": kind, "unresolved_price_ids": []})
     outcome = _apply_invoice_event(new, resolved, effects, warnings)
+    _derive_pending_plan(new)
     _remember_recent(
         new,
         RecentEvent(id=event.id, type=f"{event.type} (kind {kind})", created=event.created, outcome=outcome),
@@ -420,11 +480,8 @@ def _apply_invoice_event(
         plan_failure = state.failed_plan.pop(invoice_id, None)
         if plan_failure is not None and not state.failed_plan:
             # The last plan failure is settled: withdraw the downgrade it caused. If Stripe already
-            # confirmed the cancellation (source "cancellation"), pending_plan waits for the
-            # subscription update that RevokeDowngrade will cause.
-            if state.pending_plan_source == "payment_failure":
-                state.pending_plan = None
-                state.pending_plan_source = None
+            # confirmed the cancellation, pending_plan follows it until the subscription update that
+            # RevokeDowngrade causes.
             if state.downgrade_scheduled_for:
                 effects.append(
                     RevokeDowngrade(
@@ -463,8 +520,6 @@ def _apply_invoice_event(
     state.failed_plan[invoice_id] = failure
     if newly_opened:
         # Later attempts of the same invoice update the failure but do not schedule the downgrade again.
-        state.pending_plan = "free"
-        state.pending_plan_source = "payment_failure"
         subscription_id = event.subscription_id or state.subscription_id
         if subscription_id is None:
             warnings.append(
@@ -482,14 +537,30 @@ def _apply_subscription_event(
     state: PaymentState, event: BillingEvent, effects: list[Effect], warnings: list[str]
 ) -> str:
     status = event.subscription_status
-    is_current = state.subscription_id is None or state.subscription_id == event.subscription_id
+    subscription_id = event.object_id
+    is_current = state.subscription_id == subscription_id
+    terminal = event.type == "customer.subscription.deleted" or status in TERMINAL_SUBSCRIPTION_STATUSES
 
-    if event.type == "customer.subscription.deleted" or status in TERMINAL_SUBSCRIPTION_STATUSES:
-        if not is_current:
-            return f"ignored: {event.object_id} is not the current subscription {state.subscription_id}"
-        state.plan = event.downgrade_to or "free"
-        state.pending_plan = None
-        state.pending_plan_source = None
+    if subscription_id in state.ended_subscriptions:
+        return f"ignored: subscription {subscription_id} has ended"
+    if terminal:
+        # Remembered whatever happens next: any later event about it is about a dead subscription.
+        ended = dict(state.ended_subscriptions)
+        ended[subscription_id] = EndedSubscription(created=event.created, plan=event.downgrade_to or "free")
+        if len(ended) > MAX_ENDED_SUBSCRIPTIONS:
+            kept = sorted(ended.items(), key=lambda kv: (kv[1].created, kv[0]))[-MAX_ENDED_SUBSCRIPTIONS:]
+            ended = dict(kept)
+        state.ended_subscriptions = ended
+        if not is_current and state.subscription_id is not None:
+            return f"ignored: {subscription_id} is not the current subscription {state.subscription_id}"
+        # No live subscription left: the org is on the plan the most recently ended one left it, which
+        # is this one unless a newer end was seen first (delivered out of order).
+        last_id, last_ended = max(ended.items(), key=lambda kv: (kv[1].created, kv[0]))
+        if not is_current and last_id != subscription_id:
+            return f"ignored: {subscription_id} ended before {last_id}, whose end is applied"
+        state.plan = last_ended.plan
+        state.cancellation_pending = None
+        state.schedule_pending = None
         state.subscription_id = None
         state.period_end = None
         state.downgrade_scheduled_for = None
@@ -499,9 +570,16 @@ def _apply_subscription_event(
     if status not in ACTIVE_SUBSCRIPTION_STATUSES:
         # incomplete, past_due, paused: invoices drive the payment status, nothing to sync here.
         return f"ignored: subscription status {status}"
+    live = state.live_subscription_created
+    if not is_current and live is not None and event.created < live:
+        return (
+            f"ignored: {subscription_id} is not the current subscription {state.subscription_id} "
+            "and older than the newest subscription event applied"
+        )
 
-    state.subscription_id = event.object_id
+    state.subscription_id = subscription_id
     state.period_end = event.current_period_end
+    state.live_subscription_created = max(event.created, state.live_subscription_created or event.created)
     plan = event.metadata_plan or event.product_plan
     if plan is not None:
         state.plan = plan
@@ -514,33 +592,16 @@ def _apply_subscription_event(
     else:
         warnings.append(f"subscription {event.object_id} has no plan metadata and no product; plan unchanged")
 
-    if event.cancellation_scheduled:
-        state.pending_plan = event.downgrade_to or "free"
-        state.pending_plan_source = "cancellation"
-    elif _pending_plan_outlives_subscription_update(state, event):
-        pass
-    else:
-        state.pending_plan = None
-        state.pending_plan_source = None
+    state.cancellation_pending = (event.downgrade_to or "free") if event.cancellation_scheduled else None
+    if event.schedule_id is None:
+        # No schedule attached any more: a next phase it announced no longer holds.
+        state.schedule_pending = None
     return "applied"
 
 
-def _pending_plan_outlives_subscription_update(state: PaymentState, event: BillingEvent) -> bool:
-    """Whether an active, not-cancelling subscription update leaves `pending_plan` alone.
-
-    Two pending plans are not the subscription's to clear: the one a still-attached subscription
-    schedule set (its next phase), and the `free` that an open plan-invoice failure announced before
-    Stripe has applied our `ScheduleDowngrade` (the contract ties `pending_plan=free` to the failure;
-    paying the invoice withdraws it).
-    """
-    if state.pending_plan_source == "schedule":
-        return event.schedule_id is not None
-    if state.pending_plan_source == "payment_failure":
-        return bool(state.failed_plan)
-    return False
-
-
 def _apply_schedule_event(state: PaymentState, event: BillingEvent, warnings: list[str]) -> str:
+    if event.subscription_id is not None and event.subscription_id in state.ended_subscriptions:
+        return f"ignored: schedule of subscription {event.subscription_id}, which has ended"
     if (
         state.subscription_id is not None
         and event.subscription_id is not None
@@ -552,26 +613,34 @@ def _apply_schedule_event(state: PaymentState, event: BillingEvent, warnings: li
         )
 
     # A pending downgrade from a cancellation or a failed plan payment outranks a schedule's next phase
-    # (the subscription ends at period end), and is not the schedule's to clear.
-    if state.pending_plan_source in ("cancellation", "payment_failure"):
-        return f"ignored: pending plan {state.pending_plan} comes from a {state.pending_plan_source}"
+    # (the subscription ends at period end): `_derive_pending_plan` says so, whatever the order.
     schedule_ended = event.type in SCHEDULE_ENDED_EVENT_TYPES or not event.schedule_active
     if not schedule_ended and event.schedule_next_plan is not None:
-        state.pending_plan = event.schedule_next_plan
-        state.pending_plan_source = "schedule"
+        state.schedule_pending = event.schedule_next_plan
         return "applied"
     # Ended, or no upcoming phase with a known plan: a pending plan this schedule set no longer holds.
     if not schedule_ended:
         warnings.append(
             f"subscription schedule {event.object_id} has no next phase with a plan in its metadata"
         )
-    state.pending_plan = None
-    state.pending_plan_source = None
+    state.schedule_pending = None
     return "applied"
 
 
 # --------------------------------------------------------------------------------------------------
 # Bookkeeping
+
+
+def _derive_pending_plan(state: PaymentState) -> None:
+    """`pending_plan` and its source from the components: failure over cancellation over schedule."""
+    if state.failed_plan:
+        state.pending_plan, state.pending_plan_source = "free", "payment_failure"
+    elif state.cancellation_pending is not None:
+        state.pending_plan, state.pending_plan_source = state.cancellation_pending, "cancellation"
+    elif state.schedule_pending is not None:
+        state.pending_plan, state.pending_plan_source = state.schedule_pending, "schedule"
+    else:
+        state.pending_plan, state.pending_plan_source = None, None
 
 
 def _sync_effects(before: PaymentState, after: PaymentState) -> list[Effect]:

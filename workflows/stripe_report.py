@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeKey
 
 from billing.hours import hour_key
 from billing.models_stripe import (
@@ -32,6 +32,7 @@ _PAGES_PER_RUN = 200
 # sooner, so this only bounds a page that is alive but stuck.
 _PAGE_TIMEOUT = timedelta(hours=1)
 _START_PAGES_PER_RUN = 100
+_SCHEDULED_START = SearchAttributeKey.for_datetime("TemporalScheduledStartTime")
 
 
 def _send_retry(tuning: ReportTuning) -> RetryPolicy:
@@ -69,7 +70,11 @@ class StripeReportWorkflow:
             self._rows_queued = False
             page: SendReportsResult = await workflow.execute_activity(
                 "send_stripe_reports",
-                SendReportsInput(org_id=request.org_id, page_size=request.tuning.page_size),
+                SendReportsInput(
+                    org_id=request.org_id,
+                    page_size=request.tuning.page_size,
+                    lease_seconds=request.tuning.lease_seconds,
+                ),
                 result_type=SendReportsResult,
                 start_to_close_timeout=_PAGE_TIMEOUT,
                 heartbeat_timeout=timedelta(seconds=request.tuning.heartbeat_timeout_seconds),
@@ -88,20 +93,27 @@ class StripeReportWorkflow:
                 return self._finish(request, totals, page.pending, False, outcome)
             details = (
                 f"{totals['sent']} sent ({totals['deduplicated']} already in Stripe), "
-                f"{totals['failed']} failed, {totals['skipped']} skipped, {page.pending} pending"
+                f"{totals['failed']} failed, {page.pending} pending"
             )
+            if page.uncertain:
+                details += f", {page.uncertain} uncertain (past the horizon: run billing reconcile)"
             if page.skip_reason:
-                details += f"; skipped because {page.skip_reason}"
+                details += f"; pending rows are {page.skip_reason}"
             if last_failure:
                 details += f"; last refusal: {last_failure}"
             workflow.set_current_details(details)
             if not page.more and not self._rows_queued:
-                return self._finish(request, totals, page.pending, True, details)
+                return self._finish(request, totals, page.pending, True, details, page.uncertain)
         workflow.continue_as_new(request.model_copy(update=totals))
 
     @staticmethod
     def _finish(
-        request: StripeReportInput, totals: dict[str, int], pending: int, configured: bool, outcome: str
+        request: StripeReportInput,
+        totals: dict[str, int],
+        pending: int,
+        configured: bool,
+        outcome: str,
+        uncertain: int = 0,
     ) -> StripeReportResult:
         workflow.set_current_details(outcome)
         return StripeReportResult(
@@ -110,13 +122,15 @@ class StripeReportWorkflow:
             pending=pending,
             stripe_configured=configured,
             outcome=outcome,
+            uncertain=uncertain,
             **totals,
         )
 
 
 @workflow.defn
 class StorageOverageWorkflow:
-    """Queues the hour's storage overage, then starts the reports of every org with pending rows.
+    """Queues the storage overage of the scheduled hour and of every hour missed before it (up to 35
+    days), then starts the reports of every org with pending rows.
 
     Starting reports for every org with pending rows (not only those just queued) is also what sends a
     backlog once STRIPE_API_KEY is set, or after a report gave up on a broken run: within the hour.
@@ -124,7 +138,11 @@ class StorageOverageWorkflow:
 
     @workflow.run
     async def run(self, request: StorageOverageInput) -> StorageOverageResult:
-        hour = request.hour or hour_key(workflow.now())
+        # The hour the run was *scheduled* for (Temporal sets TemporalScheduledStartTime on a schedule's
+        # runs), not when it started: a run delayed by an outage still covers its own hour, and the
+        # catch-up in queue_storage_overage covers the hours whose runs were skipped.
+        scheduled = workflow.info().typed_search_attributes.get(_SCHEDULED_START)
+        hour = request.hour or hour_key(scheduled or workflow.now())
         workflow.set_current_details(f"Queueing storage overage of {hour}")
         queued: QueueStorageOverageResult = await run_db_activity(
             "queue_storage_overage", QueueStorageOverageInput(hour=hour), QueueStorageOverageResult

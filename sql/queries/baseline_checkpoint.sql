@@ -3,4 +3,4 @@ INSERT INTO counter_checkpoints (project_id, tag, row_created_at, applied_total,
 VALUES (%(project_id)s, %(tag)s, %(created_at)s, %(total)s, %(updated_at)s, %(batch_id)s)
 ON CONFLICT (project_id, tag, row_created_at) DO UPDATE
     SET applied_total = EXCLUDED.applied_total, row_updated_at = EXCLUDED.row_updated_at,
-        batch_id = EXCLUDED.batch_id, applied_at = now()
+        batch_id = EXCLUDED.batch_id, applied_at = billing_now()

@@ -10,5 +10,5 @@ SELECT id, coalesce(%(plan)s, 'free'), %(stripe_customer_id)s FROM org
 ON CONFLICT (organization_id) DO UPDATE
     SET plan = coalesce(%(plan)s, b.plan),
         stripe_customer_id = coalesce(%(stripe_customer_id)s, b.stripe_customer_id),
-        updated_at = now()
+        updated_at = billing_now()
 RETURNING organization_id

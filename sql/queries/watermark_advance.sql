@@ -2,5 +2,5 @@
 INSERT INTO sync_watermarks AS w (source, watermark)
 VALUES (%(source)s, %(watermark)s)
 ON CONFLICT (source) DO UPDATE
-    SET watermark = greatest(w.watermark, EXCLUDED.watermark), updated_at = now()
+    SET watermark = greatest(w.watermark, EXCLUDED.watermark), updated_at = billing_now()
 RETURNING watermark

@@ -1,0 +1,267 @@
+"""``billing dev`` stops on Ctrl-C or SIGTERM at any moment of its start, and `make dev` never outlives make.
+
+Nothing it started may outlive it: after the signal its process, the embedded PostgreSQL and the Temporal
+dev server are gone and their ports are free again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from billing import devstack
+from billing.config import Settings
+from tests.conftest import VENV_BIN
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _processes_using(data_dir: Path) -> list[psutil.Process]:
+    """Processes whose command line names ``data_dir`` (postgres -D, temporal --db-filename, billing dev)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(data_dir) in part for part in process.info["cmdline"] or []):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _postmaster_pid(data_dir: Path) -> int | None:
+    pid_file = data_dir / "pg" / "postmaster.pid"
+    try:
+        return int(pid_file.read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+
+
+def _wait_until_gone(data_dir: Path, ports: list[int], seconds: float = 30) -> list[str]:
+    """What is still there after ``seconds`` (empty when everything is gone)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = [" ".join(p.cmdline()[:3]) for p in _processes_using(data_dir) if p.is_running()]
+        pid = _postmaster_pid(data_dir)
+        if pid is not None and psutil.pid_exists(pid):
+            left.append(f"postgres pid {pid}")
+        left += [f"port {port} taken" for port in ports if not _port_free(port)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _data_dir(prefix: str) -> Iterator[Path]:
+    """A data directory outside pytest's own temp root.
+
+    The embedded PostgreSQL runs as another user when we are root, so every parent directory must stay
+    traversable; pytest tightens ``/tmp/pytest-of-<user>`` back to 0700 whenever any pytest starts
+    (another session on the machine, say), which would pull the ground from under it.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    try:
+        yield path / "data"
+    finally:
+        _kill_leftovers(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pg_data() -> Iterator[Path]:
+    """One data directory for every start below: the first start pays for initdb, the others reuse it."""
+    with _data_dir("billing-devsignals-") as path:
+        yield path
+
+
+def _kill_leftovers(data_dir: Path) -> None:
+    for process in _processes_using(data_dir):
+        process.kill()
+
+
+@pytest.mark.parametrize(
+    ("delay", "signum", "group"),
+    [
+        (0.2, signal.SIGINT, False),
+        (0.5, signal.SIGTERM, False),
+        (0.5, signal.SIGINT, True),
+        (1.0, signal.SIGINT, False),
+        (2.0, signal.SIGINT, True),
+        (3.0, signal.SIGTERM, False),
+        (8.0, signal.SIGINT, True),
+    ],
+    ids=[
+        "0.2s-SIGINT",
+        "0.5s-SIGTERM",
+        "0.5s-ctrl-c",
+        "1s-SIGINT",
+        "2s-ctrl-c",
+        "3s-SIGTERM",
+        "8s-ctrl-c",
+    ],
+)
+def test_a_signal_at_any_moment_of_the_start_stops_everything(
+    pg_data: Path, delay: float, signum: signal.Signals, group: bool
+) -> None:
+    """``group``: sent to the whole process group, as a terminal's Ctrl-C is."""
+    temporal_port, ui_port, api_port = _free_port(), _free_port(), _free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "BILLING_HTTP_ADDR": f"127.0.0.1:{api_port}",
+    }
+    command = [
+        str(VENV_BIN / "billing"),
+        "dev",
+        "--data-dir",
+        str(pg_data),
+        "--temporal-port",
+        str(temporal_port),
+        "--ui-port",
+        str(ui_port),
+    ]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(
+        target=lambda: lines.extend((time.monotonic(), line) for line in process.stdout or []),
+        daemon=True,
+    )
+    reader.start()
+    time.sleep(delay)
+    signalled_at = time.monotonic()
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _kill_leftovers(pg_data)
+        pytest.fail(f"billing dev still running 60 s after {signum.name} at {delay} s")
+    reader.join(timeout=10)
+    output = "".join(line for _, line in lines)
+    assert "Traceback" not in output and "unexpected error" not in output, output
+    # The signal is not swallowed: the stack does not come up after it.
+    late = [line for at, line in lines if at > signalled_at and line.startswith("billing dev is running")]
+    assert not late, f"the stack came up after {signum.name} at {delay} s:\n{output}"
+    # 0 once it is running; 130 / 143 (the shell's convention) when the signal came while it was
+    # still importing, before anything was started.
+    assert process.returncode in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM), (process.returncode, output)
+    left = _wait_until_gone(pg_data, [temporal_port, ui_port, api_port])
+    if left:
+        _kill_leftovers(pg_data)
+    assert not left, f"left running after {signum.name} at {delay} s: {left}\n{output}"
+
+
+def test_make_dev_does_not_leave_billing_dev_running_when_make_exits() -> None:
+    with _data_dir("billing-makedev-") as data_dir:
+        _make_dev_then_kill_make(data_dir)
+
+
+def _make_dev_then_kill_make(data_dir: Path) -> None:
+    temporal_port, ui_port, api_port = _free_port(), _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "BILLING_HTTP_ADDR": f"127.0.0.1:{api_port}",
+        "DEV_ARGS": f"--data-dir {data_dir} --temporal-port {temporal_port} --ui-port {ui_port}",
+    }
+    env.pop("DATABASE_URL", None)
+    env.pop("TEMPORAL_ADDRESS", None)
+    make = subprocess.Popen(
+        ["make", "--no-print-directory", "-C", str(ROOT), "dev"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert make.stdout is not None
+    seen = []
+    for line in make.stdout:
+        seen.append(line)
+        if line.startswith("Ctrl-C stops everything"):
+            break
+    billing = [p for p in _processes_using(data_dir) if "dev" in p.cmdline()[1:3]]
+    assert billing, "".join(seen)
+    # make goes away without passing anything on (SIGKILL: it cannot); billing dev must notice.
+    make.kill()
+    make.wait()
+    left = _wait_until_gone(data_dir, [temporal_port, ui_port, api_port], seconds=60)
+    if left:
+        _kill_leftovers(data_dir)
+    assert not left, f"left running after make exited: {left}"
+
+
+def test_secret_files_are_created_private_never_chmodded_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With umask 0 a file made by open() and chmodded afterwards is world-readable in between.
+    old_umask = os.umask(0)
+    try:
+
+        def no_chmod_after(*args: object, **kwargs: object) -> None:
+            raise AssertionError("chmod after creation: the file was readable by anyone in between")
+
+        monkeypatch.setattr(Path, "chmod", no_chmod_after)
+        monkeypatch.setattr(os, "chmod", no_chmod_after)
+        token = devstack._api_token(Settings.load(BILLING_API_TOKEN=None), tmp_path)
+        env_file = tmp_path / "dev.env"
+        devstack.write_private(env_file, devstack.dev_env_text("postgresql://x", "h:1", token, "h:2"))
+    finally:
+        os.umask(old_umask)
+    for name in ("api_token", "dev.env"):
+        mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+        assert mode == 0o600, (name, oct(mode))
+    text = env_file.read_text()
+    assert text.splitlines()[0] == f"export PATH='{VENV_BIN}':\"$PATH\""
+    assert f"export BILLING_API_TOKEN='{token}'" in text
+
+
+def test_sourcing_dev_env_puts_billing_on_the_path(tmp_path: Path) -> None:
+    env_file = tmp_path / "dev.env"
+    devstack.write_private(env_file, devstack.dev_env_text("postgresql://x", "h:1", "t" * 20, "h:2"))
+    result = subprocess.run(
+        ["bash", "-c", f"source {env_file} && command -v billing"],
+        env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(VENV_BIN / "billing")
