@@ -424,6 +424,7 @@ class Stats:
     faults: Counter[str] = field(default_factory=Counter)
     retries: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    in_flight: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def op(self, kind: str, n: int = 1) -> None:
@@ -450,6 +451,15 @@ class Soak:
     # Client side: every operation is retried until the system says it is done (as the real clients do).
 
     def _until(self, kind: str, attempt: Any) -> bool:
+        with self.stats.lock:
+            self.stats.in_flight[kind] += 1
+        try:
+            return self._retry(kind, attempt)
+        finally:
+            with self.stats.lock:
+                self.stats.in_flight[kind] -= 1
+
+    def _retry(self, kind: str, attempt: Any) -> bool:
         while time.monotonic() < self.give_up:
             try:
                 if attempt():
@@ -855,7 +865,11 @@ def _drive(soak: Soak, workload: Workload, stats: Stats, minutes: float, concurr
         chaos_thread.join()
     soak.heal()
     log("chaos stopped; waiting for the clients' operations")
-    for fut in [*futures, *[f for f in operator_chain.values() if f]]:
+    waiting = [*futures, *[f for f in operator_chain.values() if f]]
+    while not concurrent.futures.wait(waiting, timeout=15).not_done == set():
+        with stats.lock:
+            log(f"clients still at: {dict(+stats.in_flight)}")
+    for fut in waiting:
         fut.result()
     pool.shutdown()
     op_pool.shutdown()
