@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import json
 import os
 import random
@@ -74,6 +75,22 @@ LIMITS = {
 }
 PLANS = ("free", "pro", "team")
 READY_SECONDS = 90.0
+# The core service's metrics table (pull mode reads it through BILLING_METRICS_SOURCE_URL).
+CORE_SCHEMA = """
+CREATE TABLE metrics (
+    project_id  uuid NOT NULL,
+    tag         text NOT NULL,
+    increment   bigint NOT NULL,
+    created_at  timestamptz NOT NULL,
+    updated_at  timestamptz NOT NULL,
+    PRIMARY KEY (project_id, tag, created_at)
+)
+"""
+CORE_UPSERT = """
+INSERT INTO metrics (project_id, tag, increment, created_at, updated_at) VALUES (%s, %s, %s, %s, clock_timestamp())
+ON CONFLICT (project_id, tag, created_at)
+DO UPDATE SET increment = EXCLUDED.increment, updated_at = EXCLUDED.updated_at
+"""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -153,10 +170,11 @@ class Proc:
 class System:
     """PostgreSQL database, Temporal dev server, two workers, the API and the test Stripe server."""
 
-    def __init__(self, workdir: Path, database_url: str, task_queue: str) -> None:
+    def __init__(self, workdir: Path, database_url: str, task_queue: str, core_url: str) -> None:
         self.workdir = workdir
         self.database_url = database_url
         self.dbname = database_url.rsplit("/", 1)[1]
+        self.core_url = core_url
         self.stripe = FakeStripe(api_key=None).start()
         self.temporal_port = _free_port()
         self.api_port = _free_port()
@@ -173,6 +191,7 @@ class System:
             "STRIPE_API_BASE": self.stripe.url,
             "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "BILLING_PUSH_ANSWER_SECONDS": "15",
+            "BILLING_METRICS_SOURCE_URL": core_url,
         }
         temporal = [
             str(VENV_BIN / "temporal"), "server", "start-dev", "--db-filename", str(workdir / "temporal.db"),
@@ -222,6 +241,13 @@ class System:
         return subprocess.run([str(VENV_BIN / "billing"), *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout, check=False)
 
+    def write_core_rows(self, rows: list[Row]) -> None:
+        """What the core service does: its counter rows change, ``updated_at`` its own clock's now."""
+        with psycopg.connect(self.core_url, autocommit=True) as conn:
+            for row in rows:
+                created = datetime(row.day.year, row.day.month, row.day.day, tzinfo=UTC)
+                conn.execute(CORE_UPSERT, [row.project, row.tag, row.total, created])
+
     def terminate_backends(self) -> int:
         """What a PostgreSQL restart does to the clients: every connection to the soak database dies."""
         with psycopg.connect(LOCAL_POSTGRES if "127.0.0.1" in self.database_url else self.database_url,
@@ -245,6 +271,7 @@ class Org:
     role: str  # "usage" (pushes, operator actions) or "webhooks" (Stripe events)
     customer: str
     projects: list[str] = field(default_factory=list)
+    pull_project: str | None = None  # its rows reach us only through pull-mode syncs
     operator: list[str] = field(default_factory=list)  # "block"/"unblock", in order
     events: list[dict[str, Any]] = field(default_factory=list)  # Stripe events, in order
 
@@ -280,6 +307,9 @@ class Workload:
             plan = "free" if role == "webhooks" else PLANS[i % 3]
             org = Org(str(uuid.UUID(int=self.rng.getrandbits(128))), plan, role, f"cus_soak{i:04d}")
             org.projects = [str(uuid.UUID(int=self.rng.getrandbits(128))) for _ in range(self.rng.randint(1, 3))]
+            if role == "usage":
+                org.pull_project = str(uuid.UUID(int=self.rng.getrandbits(128)))
+                org.projects.append(org.pull_project)
             self.orgs.append(org)
         self.rows: dict[tuple[str, str, date], Row] = {}
         self.project_org = {p: o for o in self.orgs for p in o.projects}
@@ -292,8 +322,9 @@ class Workload:
         """The next push: a few rows of one org grown; plus stale snapshots that must be rejected."""
         org = self.rng.choice(self.usage_orgs)
         metrics, stale = [], []
+        pushed = [p for p in org.projects if p != org.pull_project]
         for _ in range(self.rng.randint(1, 6)):
-            key = (self.rng.choice(org.projects), self.rng.choice(COUNTERS), self.rng.choice(self.days))
+            key = (self.rng.choice(pushed), self.rng.choice(COUNTERS), self.rng.choice(self.days))
             row = self.rows.setdefault(key, Row(*key))
             if row.seq and self.rng.random() < 0.1:
                 stale.append(row.snapshot())  # the value already pushed, sent again later: no change
@@ -303,6 +334,19 @@ class Workload:
         # One row once per push: the same row twice in a body is the client's business, not ours.
         unique = {(m["project_id"], m["tag"], m["created_at"]): m for m in metrics}
         return {"metrics": list(unique.values())}, stale
+
+    def pull_rows(self) -> list[Row]:
+        """The next change of the core service's metrics table: a few rows of pull projects grown."""
+        org = self.rng.choice(self.usage_orgs)
+        assert org.pull_project is not None
+        grown = {}
+        for _ in range(self.rng.randint(1, 4)):
+            key = (org.pull_project, self.rng.choice(COUNTERS), self.rng.choice(self.days))
+            row = self.rows.setdefault(key, Row(*key))
+            row.total += self.rng.randint(1, 9)
+            row.seq += 1
+            grown[key] = row
+        return list(grown.values())
 
     def _event_story(self, org: Org) -> list[dict[str, Any]]:
         """A subscription lifecycle with invoice failures and payments, in order (``created`` increasing)."""
@@ -515,6 +559,14 @@ class Soak:
         if self._until(f"operator {action}", attempt):
             self.stats.op(f"operator {action}")
 
+    def pull(self) -> None:
+        """``billing sync``: one pull-mode sync now (the hourly schedule does the same)."""
+        def attempt() -> bool:
+            return self.system.billing("sync", timeout=120).returncode == 0
+
+        if self._until("pull sync", attempt):
+            self.stats.op("pull sync")
+
     def reset(self, org: Org, month: str) -> None:
         def attempt() -> bool:
             done = self.system.billing("reset", org.org_id, "--month", month, timeout=90)
@@ -560,7 +612,13 @@ class Soak:
             elif kind == "stripe 429":
                 fake.fail_next(rng.randint(1, 4), status=429, path_prefix=meter, retry_after=1)
             elif kind == "stripe 500":
-                fake.fail_next(rng.randint(1, 4), status=500, path_prefix=meter)
+                if "store" in inspect.signature(fake.fail_next).parameters:
+                    # The strict test server (stripe branch) stores a 5xx under the key, as Stripe does.
+                    fake.fail_next(rng.randint(1, 4), status=500, path_prefix=meter, store=True)
+                    kind = "stripe 500 (stored under the key)"
+                else:
+                    fake.fail_next(rng.randint(1, 4), status=500, path_prefix=meter)
+                    kind = "stripe 500 (this test server does not store it)"
             elif kind == "stripe drop answer":
                 fake.drop_after_commit_next(rng.randint(1, 3), path_prefix=meter)
             with self.stats.lock:
@@ -698,7 +756,7 @@ def check(system: System, workload: Workload) -> list[Verdict]:
         verdicts.append(v)
 
         # 3. Payment state: what in-order delivery gives; operator orgs: their last action.
-        v = Verdict("plan, payment status, pending plan and block flags = in-order delivery")
+        v = Verdict("plan, payment status, pending plan = in-order delivery; quota flags = plan, status, usage")
         billing = {str(r[0]): r[1:] for r in conn.execute(
             "SELECT organization_id, plan, payment_status, pending_plan FROM organization_billing")}
         flags = defaultdict(set)
@@ -706,6 +764,8 @@ def check(system: System, workload: Workload) -> list[Verdict]:
                 "SELECT organization_id, project_id, tag, reason FROM quota_flags"):
             flags[str(org_id)].add((str(project), tag, reason))
         meters = [r[0] for r in conn.execute("SELECT tag FROM meters ORDER BY tag")]
+        opened = {str(o): m for o, m in conn.execute(
+            "SELECT organization_id, to_char(max(month), 'YYYY-MM') FROM monthly_resets GROUP BY 1")}
         for org in workload.orgs:
             row = billing.get(org.org_id, ("free", "ok", None))
             if org.role == "webhooks":
@@ -716,12 +776,21 @@ def check(system: System, workload: Workload) -> list[Verdict]:
                 want_row = (org.plan, "blocked" if blocked else "ok", None)
             if tuple(row) != want_row:
                 v.violations.append((org.org_id, f"billing row {tuple(row)}, in-order delivery gives {want_row}"))
-            blocked_flags = {(p, t) for p, t, r in flags[org.org_id] if r == "payment_blocked"}
-            want_flags = {(p, t) for p in org.projects for t in meters} if want_row[1] == "blocked" else set()
-            if want_row[1] == "blocked" and not want_flags <= {(p, t) for p, t, _ in flags[org.org_id]}:
-                v.violations.append((org.org_id, "blocked but not every project and tag is flagged"))
-            if want_row[1] != "blocked" and blocked_flags:
-                v.violations.append((org.org_id, f"not blocked but {len(blocked_flags)} payment_blocked flags"))
+            # Exactly what recompute_quota_flags promises for the newest month the org opened: blocked,
+            # every tag of every project; else, on free, every project for each tag over the limit.
+            month = opened.get(org.org_id)
+            want_flags: set[tuple[str, str, str]] = set()
+            if want_row[1] == "blocked":
+                want_flags = {(p, t, "payment_blocked") for p in org.projects for t in meters}
+            elif want_row[0] == "free" and month is not None:
+                for tag in COUNTERS:
+                    used = sum(want.get((p, tag, month), 0) for p in org.projects)
+                    if used > LIMITS["free"][tag]:
+                        want_flags |= {(p, tag, "over_limit") for p in org.projects}
+            if flags[org.org_id] != want_flags:
+                v.violations.append((org.org_id, f"quota flags (month {month}): extra "
+                                                 f"{sorted(flags[org.org_id] - want_flags)[:4]}, missing "
+                                                 f"{sorted(want_flags - flags[org.org_id])[:4]}"))
         verdicts.append(v)
 
     # 4. Workflows: none still running (but the long-lived org ones), none failed.
@@ -790,8 +859,11 @@ def run(seed: int, minutes: float, orgs: int, concurrency: int, chaos: bool, dra
         tempfile.TemporaryDirectory(prefix="billing-soak-") as tmp,
         postgres_server() as admin,
         fresh_database(admin, prefix="billing_soak") as url,
+        fresh_database(admin, migrated=False, prefix="billing_soak_core") as core_url,
     ):
-        system = System(Path(tmp), url, f"soak-{seed}")
+        with psycopg.connect(core_url, autocommit=True) as conn:
+            conn.execute(CORE_SCHEMA)
+        system = System(Path(tmp), url, f"soak-{seed}", core_url)
         try:
             log(f"seed {seed}: starting Temporal, 2 workers, the API and the test Stripe server")
             system.start()
@@ -853,6 +925,11 @@ def _drive(soak: Soak, workload: Workload, stats: Stats, minutes: float, concurr
         elif roll < 0.86:
             org = rng.choice(workload.usage_orgs)
             futures.append(op_pool.submit(soak.reset, org, current))
+        elif roll < 0.96:
+            soak.system.write_core_rows(workload.pull_rows())
+            stats.op("core rows changed (pull mode)")
+            if rng.random() < 0.3:
+                futures.append(op_pool.submit(soak.pull))
         time.sleep(rng.uniform(0.1, 0.5))
     log(f"workload done ({i} steps); {len(deliveries)} deliveries and {len(operator)} operator actions left")
     for event in deliveries:
@@ -866,6 +943,9 @@ def _drive(soak: Soak, workload: Workload, stats: Stats, minutes: float, concurr
     soak.heal()
     log("chaos stopped; waiting for the clients' operations")
     waiting = [*futures, *[f for f in operator_chain.values() if f]]
+    concurrent.futures.wait(waiting, timeout=0)
+    # The last pull starts after the last change of the core table: it sees every row.
+    waiting.append(op_pool.submit(_after, None, soak.pull))
     while not concurrent.futures.wait(waiting, timeout=15).not_done == set():
         with stats.lock:
             log(f"clients still at: {dict(+stats.in_flight)}")
