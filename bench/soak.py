@@ -901,8 +901,13 @@ def _drive(soak: Soak, workload: Workload, stats: Stats, minutes: float, concurr
     total_ops = max(1, int(minutes * 60 * 3))  # about three operations a second while it runs
     webhook_every = max(1, total_ops // max(1, len(deliveries)))
     i = 0
+    progress = time.monotonic() + 60
     while time.monotonic() < end:
         i += 1
+        if time.monotonic() > progress:  # a line a minute, so a long run shows it is alive
+            progress += 60
+            with stats.lock:
+                log(f"{sum(stats.ops.values())} operations, faults {dict(stats.faults)}")
         roll = rng.random()
         if deliveries and i % webhook_every == 0:
             futures.append(pool.submit(soak.webhook, deliveries.pop()))
