@@ -14,7 +14,7 @@ from api import admin, health, meter_errors, usage, webhooks
 from api.errors import EXCEPTION_HANDLERS
 from api.schemas import openapi_document
 from api.telemetry import TelemetryMiddleware
-from billing.config import Settings
+from billing.core.config import Settings
 
 
 async def openapi_json(_: Request) -> JSONResponse:

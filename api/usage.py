@@ -14,9 +14,9 @@ from temporalio.service import RPCError
 from api.auth import require_bearer
 from api.errors import ApiError
 from api.validation import parse_json, path_uuid, read_body
-from billing.sql import query
-from billing.telemetry import USAGE_ROWS
-from billing.usage_batches import (
+from billing.db.sql import query
+from billing.observability.telemetry import USAGE_ROWS
+from billing.orchestration.usage_batches import (
     MAX_ROWS,
     BatchRefused,
     SyncStillRunning,
