@@ -1,124 +1,19 @@
-"""Worker wiring: which workflows and activities run on the billing task queue.
-
-``python worker.py`` runs a worker against the configured PostgreSQL and Temporal (same as
+"""``python worker.py`` runs a worker against the configured PostgreSQL and Temporal (same as
 ``billing worker``). Scale out by starting more of them on the same task queue.
+
+The wiring (which workflows and activities run) is billing/cli/wiring.py; its names are re-exported
+here for callers that import them from ``worker``.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
-from temporalio.client import Client
-from temporalio.worker import Interceptor, Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from billing.cli.wiring import WORKFLOWS, activities, build_worker
 
-from activities.notifications import NotificationActivities
-from activities.payments import PaymentActivities
-from activities.resets import ResetActivities
-from activities.retention import RetentionActivities
-from activities.stripe_reports import StripeReportActivities
-from activities.usage import UsageActivities
-from billing.config import Settings
-from billing.stripe_client import make_stripe_client
-from workflows.monthly_close import MonthlyCloseWorkflow
-from workflows.monthly_reset import MonthlyResetWorkflow
-from workflows.notify import NotificationDispatchWorkflow, NotifyWorkflow
-from workflows.org_billing import OrgBillingWorkflow
-from workflows.retention import RetentionWorkflow
-from workflows.stripe_report import StorageOverageWorkflow, StripeReportWorkflow
-from workflows.usage_sync import PullUsageSyncWorkflow, UsageSyncWorkflow
-
-WORKFLOWS: Sequence[type] = (
-    MonthlyResetWorkflow,
-    MonthlyCloseWorkflow,
-    UsageSyncWorkflow,
-    PullUsageSyncWorkflow,
-    OrgBillingWorkflow,
-    StripeReportWorkflow,
-    StorageOverageWorkflow,
-    NotifyWorkflow,
-    NotificationDispatchWorkflow,
-    RetentionWorkflow,
-)
-
-
-def activities(
-    settings: Settings, pool: AsyncConnectionPool, client: Client, task_queue: str
-) -> list[Callable[..., Any]]:
-    """Every activity, bound to its dependencies."""
-    resets = ResetActivities(pool, client, task_queue)
-    usage = UsageActivities(settings, pool, client, task_queue)
-    payments = PaymentActivities(settings, pool)
-    reports = StripeReportActivities(
-        pool,
-        client,
-        task_queue,
-        make_stripe_client(settings),
-        horizon=settings.report_horizon,
-        grace=settings.finalization_grace,
-    )
-    notifications = NotificationActivities(settings, pool, client, task_queue)
-    return [
-        resets.close_org_month,
-        resets.start_monthly_resets,
-        usage.ensure_batch_resets,
-        usage.apply_usage_batch,
-        usage.stage_pull_batch,
-        usage.advance_pull_watermark,
-        usage.pull_batches_ready,
-        payments.load_org_billing,
-        payments.sync_org_billing,
-        payments.mark_webhook_events,
-        payments.change_stripe_subscription,
-        payments.resolve_plan,
-        payments.resolve_invoice_kind,
-        reports.send_stripe_reports,
-        reports.queue_storage_overage,
-        reports.start_pending_stripe_reports,
-        reports.start_stripe_reports,
-        RetentionActivities(settings, pool).purge_expired,
-        notifications.dispatch_notifications,
-        notifications.deliver_notification,
-        notifications.mark_notification_failed,
-    ]
-
-
-# The sandbox re-imports a workflow's modules for every workflow run unless they are passed through.
-# These are deterministic (models, pure reducers, ID and month helpers: no I/O, no clock), so sharing
-# them across runs is safe and saves most of the sandbox's CPU per workflow.
-_PASSED_THROUGH = ("pydantic", "pydantic_core", "annotated_types", "billing", "workflows.payment_state")
-
-
-def build_worker(
-    settings: Settings,
-    pool: AsyncConnectionPool,
-    client: Client,
-    *,
-    task_queue: str | None = None,
-    interceptors: Sequence[Interceptor] = (),
-) -> Worker:
-    """A worker for ``task_queue`` (default BILLING_TASK_QUEUE) running every workflow and activity.
-
-    ``interceptors`` is a hook for tests (the suite's injected activity delay); production passes none.
-    """
-    queue = task_queue or settings.task_queue
-    return Worker(
-        client,
-        task_queue=queue,
-        workflows=list(WORKFLOWS),
-        activities=activities(settings, pool, client, queue),
-        max_concurrent_activities=50,
-        interceptors=list(interceptors),
-        workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(*_PASSED_THROUGH)
-        ),
-    )
-
+__all__ = ["WORKFLOWS", "activities", "build_worker"]
 
 if __name__ == "__main__":
-    from billing.cli import main
+    from billing.cli.main import main
 
     sys.exit(main(["worker", *sys.argv[1:]]))

@@ -8,18 +8,18 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
-from billing.clock import utcnow
-from billing.config import Settings
-from billing.metrics import NOTIFICATION_DELIVERIES
-from billing.models_notify import (
+from billing.adapters.notifications import Dispatcher, body_of, delivery_configured, signed_headers
+from billing.core.clock import utcnow
+from billing.core.config import Settings
+from billing.db.sql import query
+from billing.models.notify import (
     DeliveryResult,
     DispatchInput,
     DispatchResult,
     NotificationFailedInput,
     NotifyInput,
 )
-from billing.notifications import Dispatcher, body_of, delivery_configured, signed_headers
-from billing.sql import query
+from billing.observability.metrics import NOTIFICATION_DELIVERIES
 
 _HTTP_TIMEOUT = 10.0
 

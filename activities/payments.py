@@ -20,8 +20,12 @@ import stripe
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
-from billing.config import Settings
-from billing.models_billing import (
+from billing.adapters.stripe_client import make_stripe_client
+from billing.core.config import Settings
+from billing.db.sql import query
+from billing.domain.months import parse_month
+from billing.domain.stripe_events import PLANS, plan_from_product, price_is_metered
+from billing.models.org_billing import (
     MarkWebhookEventsInput,
     MarkWebhookEventsResult,
     OrgBillingRow,
@@ -35,10 +39,6 @@ from billing.models_billing import (
     SyncOrgBillingInput,
     SyncOrgBillingResult,
 )
-from billing.months import parse_month
-from billing.sql import query
-from billing.stripe_client import make_stripe_client
-from billing.stripe_events import PLANS, plan_from_product, price_is_metered
 
 log = logging.getLogger(__name__)
 

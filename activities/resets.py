@@ -9,12 +9,12 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client
 
-from billing.metrics import MONTHLY_RESETS
+from billing.db.sql import query
+from billing.domain.months import month_key, parse_month, previous_month
 from billing.models import MonthlyResetInput, MonthlyResetResult, StartResetsInput, StartResetsResult
-from billing.models_sync import input_error
-from billing.months import month_key, parse_month, previous_month
-from billing.sql import query
-from billing.temporal import start_monthly_reset
+from billing.models.usage_sync import input_error
+from billing.observability.metrics import MONTHLY_RESETS
+from billing.orchestration.temporal import start_monthly_reset
 
 # Starting a workflow is one RPC; a handful at once keeps a page fast without flooding the frontend.
 _CONCURRENT_STARTS = 16

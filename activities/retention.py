@@ -10,9 +10,9 @@ from __future__ import annotations
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
-from billing.config import Settings
+from billing.core.config import Settings
+from billing.db.sql import query
 from billing.models import PurgeInput, PurgeResult
-from billing.sql import query
 
 # Children first, the batch row last: until its last row is gone a batch id still deduplicates.
 _STEPS = (

@@ -42,10 +42,10 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
-from billing import reporting
-from billing.clock import utcnow
-from billing.hours import parse_hour
-from billing.models_stripe import (
+from billing.core.clock import utcnow
+from billing.db.sql import query
+from billing.domain.hours import parse_hour
+from billing.models.stripe_report import (
     QueueStorageOverageInput,
     QueueStorageOverageResult,
     SendReportsInput,
@@ -54,12 +54,12 @@ from billing.models_stripe import (
     StartReportsResult,
     StartStripeReportsInput,
 )
-from billing.sql import query
-from billing.telemetry import (
+from billing.observability.telemetry import (
     STRIPE_CONFIG_REFUSALS,
     STRIPE_REPORT_FAILURES,
     STRIPE_REPORTS,
 )
+from billing.orchestration import reporting
 
 # A claim is one short transaction; a session left idle inside one belonged to a vanished worker.
 _IDLE_IN_TRANSACTION_TIMEOUT = "60s"

@@ -15,10 +15,12 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 
-from billing.config import Settings
-from billing.errors import ConfigError
-from billing.metrics import USAGE_APPLY_ROWS
-from billing.models_sync import (
+from billing.adapters.notifications import Dispatcher
+from billing.core.config import Settings
+from billing.core.errors import ConfigError
+from billing.db.sql import query
+from billing.domain.months import parse_month
+from billing.models.usage_sync import (
     MAX_LISTED_SKIPS,
     AdvanceWatermarkInput,
     AdvanceWatermarkResult,
@@ -33,10 +35,8 @@ from billing.models_sync import (
     SkippedOrg,
     input_error,
 )
-from billing.months import parse_month
-from billing.notifications import Dispatcher
-from billing.sql import query
-from billing.temporal import start_monthly_reset
+from billing.observability.metrics import USAGE_APPLY_ROWS
+from billing.orchestration.temporal import start_monthly_reset
 
 # Starting a workflow is one RPC; a handful at once keeps a big batch fast without flooding Temporal.
 _CONCURRENT_STARTS = 16

@@ -12,11 +12,12 @@ from starlette.responses import JSONResponse
 from api.auth import require_bearer
 from api.errors import ApiError
 from api.validation import json_body, path_uuid
+from billing.adapters.notifications import org_notifications
+from billing.core.clock import current_month
+from billing.db.sql import query
+from billing.domain.months import parse_month
 from billing.models import MAX_BIGINT, MAX_ID_LENGTH, Name, Tag
-from billing.months import current_month, parse_month
-from billing.notifications import org_notifications
-from billing.sql import query
-from billing.status import add_temporal_view, load_org_status
+from billing.read.status import add_temporal_view, load_org_status
 
 PlanName = Literal["free", "pro", "team"]
 # A JSON integer only (no booleans, strings or floats) within bigint; a negative one is refused below

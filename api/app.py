@@ -15,7 +15,7 @@ from api.errors import EXCEPTION_HANDLERS
 from api.quota import QuotaFastPath
 from api.schemas import openapi_document
 from api.telemetry import TelemetryMiddleware
-from billing.config import Settings
+from billing.core.config import Settings
 
 
 async def openapi_json(_: Request) -> JSONResponse:

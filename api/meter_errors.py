@@ -24,9 +24,9 @@ from starlette.responses import JSONResponse
 
 from activities.stripe_reports import identifier_of_key
 from api.errors import ApiError
-from billing.sql import query
-from billing.stripe_client import make_stripe_client
-from billing.telemetry import STRIPE_METER_ERRORS
+from billing.adapters.stripe_client import make_stripe_client
+from billing.db.sql import query
+from billing.observability.telemetry import STRIPE_METER_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from billing.sql import query
-from billing.telemetry import HTTP_LATENCY, HTTP_REQUESTS, tracer
+from billing.db.sql import query
+from billing.observability.telemetry import HTTP_LATENCY, HTTP_REQUESTS, tracer
 
 # Writes the product's gateway asks about: they consume quota, so a flagged project is refused.
 _QUOTA_WRITES = re.compile(r"^/api/v1/(session/[^/]+/messages|disk/[^/]+/artifact)/?$")

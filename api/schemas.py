@@ -20,8 +20,8 @@ from pydantic.json_schema import models_json_schema
 from api.admin import OrgBody, PlanAnswer, PlanBody, ProjectAnswer, ProjectBody
 from api.validation import MAX_ADMIN_BODY_BYTES, MAX_JSON_DEPTH
 from billing.models import MAX_BIGINT, MAX_TAG_LENGTH
-from billing.status import OrgStatus
-from billing.usage_batches import MAX_ROWS
+from billing.orchestration.usage_batches import MAX_ROWS
+from billing.read.status import OrgStatus
 
 
 class ErrorAnswer(BaseModel):

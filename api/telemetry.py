@@ -9,7 +9,7 @@ from opentelemetry import trace
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from billing.telemetry import HTTP_LATENCY, HTTP_REQUESTS, tracer
+from billing.observability.telemetry import HTTP_LATENCY, HTTP_REQUESTS, tracer
 
 # Labels come from closed sets, so no request can add a time series: the standard methods (anything
 # else is "other"), and the route templates (any path no route knows is "unmatched").

@@ -14,8 +14,8 @@ from api.auth import require_bearer
 from api.errors import ApiError
 from api.quota import flag_lookup, quota_consuming
 from api.validation import parse_json, path_uuid, read_body
-from billing.telemetry import USAGE_ROWS
-from billing.usage_batches import (
+from billing.observability.telemetry import USAGE_ROWS
+from billing.orchestration.usage_batches import (
     MAX_ROWS,
     BatchRefused,
     SyncStillRunning,

@@ -35,13 +35,13 @@ from temporalio.service import RPCError
 
 from api.errors import ApiError
 from api.validation import parse_json, read_body
-from billing.clock import utcnow
-from billing.ids import org_billing_id
-from billing.org_billing import signal_org_billing
-from billing.sql import query
-from billing.stripe_client import make_stripe_client
-from billing.stripe_events import BillingEvent, MalformedStripeEvent, parse_event
-from billing.telemetry import WEBHOOK_EVENTS
+from billing.adapters.stripe_client import make_stripe_client
+from billing.core.clock import utcnow
+from billing.db.sql import query
+from billing.domain.ids import org_billing_id
+from billing.domain.stripe_events import BillingEvent, MalformedStripeEvent, parse_event
+from billing.observability.telemetry import WEBHOOK_EVENTS
+from billing.orchestration.org_billing import signal_org_billing
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ async def _receive(request: Request) -> JSONResponse:
             body.decode("utf-8"),
             header,
             settings.stripe_webhook_secret.get_secret_value(),
-            # The age is checked below, both ways, against billing.clock (stripe-python reads
+            # The age is checked below, both ways, against billing.core.clock (stripe-python reads
             # time.time() and only refuses old timestamps).
             tolerance=None,
         )

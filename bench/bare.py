@@ -3,7 +3,7 @@
     python -m bench.bare --port N
 
 No auth, no database, no middleware: one route returning ``{"msg": "ok"}``, served with the very
-uvicorn set-up the API uses (billing.services.uvicorn_config) on the same event loop (uvloop).
+uvicorn set-up the API uses (billing.cli.services.uvicorn_config) on the same event loop (uvloop).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from billing.services import uvicorn_config
+from billing.cli.services import uvicorn_config
 
 
 async def quota(request: Request) -> JSONResponse:

@@ -28,12 +28,12 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 import worker as worker_module
 from activities.resets import _CONCURRENT_STARTS
 from bench.noop_workflow import NoopWorkflow
-from billing.config import Settings
-from billing.db import open_pool
+from billing.core.config import Settings
+from billing.db.pool import open_pool
+from billing.db.sql import query
+from billing.domain.months import month_key, parse_month, previous_month
 from billing.models import MonthlyCloseInput
-from billing.months import month_key, parse_month, previous_month
-from billing.scratch import scratch_database, temporal_dev_server
-from billing.sql import query
+from billing.testing.scratch import scratch_database, temporal_dev_server
 
 
 def seed(url: str, orgs: int, month: str) -> None:

@@ -31,8 +31,8 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from billing.scratch import scratch_database, temporal_dev_server
-from billing.sql import query
+from billing.db.sql import query
+from billing.testing.scratch import scratch_database, temporal_dev_server
 
 TOKEN = "bench-quota-token"
 MESSAGES = "/api/v1/session/{}/messages"

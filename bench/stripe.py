@@ -18,13 +18,13 @@ from datetime import UTC, datetime
 
 from temporalio.testing import WorkflowEnvironment
 
-from billing.config import Settings
-from billing.db import open_pool
-from billing.models_stripe import ReportTuning, StripeReportResult
-from billing.reporting import start_stripe_reports
-from billing.scratch import scratch_database, temporal_dev_server
-from billing.stripe_client import make_stripe_client
-from tests.stripe_server import FakeStripe
+from billing.adapters.stripe_client import make_stripe_client
+from billing.core.config import Settings
+from billing.db.pool import open_pool
+from billing.models.stripe_report import ReportTuning, StripeReportResult
+from billing.orchestration.reporting import start_stripe_reports
+from billing.testing.scratch import scratch_database, temporal_dev_server
+from billing.testing.stripe_server import FakeStripe
 from worker import build_worker
 
 BENCH_KEY = "sk_test_bench"

@@ -26,12 +26,12 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from billing.config import Settings
-from billing.db import open_pool
-from billing.models_sync import UsageSyncResult
-from billing.scratch import scratch_database, temporal_dev_server
-from billing.sql import query
-from billing.usage_batches import ParsedBatch, StagedRow, run_usage_sync, stage_batch
+from billing.core.config import Settings
+from billing.db.pool import open_pool
+from billing.db.sql import query
+from billing.models.usage_sync import UsageSyncResult
+from billing.orchestration.usage_batches import ParsedBatch, StagedRow, run_usage_sync, stage_batch
+from billing.testing.scratch import scratch_database, temporal_dev_server
 from worker import build_worker
 
 COUNTERS = ("search.experience.agentic", "search.experience.embedding", "space.learned", "task.created")

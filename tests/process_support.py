@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from billing.scratch import VENV_BIN
+from billing.testing.scratch import VENV_BIN
 from tests.conftest import API_TOKEN
 
 READY_SECONDS = 60.0

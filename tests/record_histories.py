@@ -20,23 +20,23 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 
-from billing.db import open_pool
-from billing.hours import hour_key
-from billing.ids import monthly_reset_id, org_billing_id, stripe_report_id, usage_sync_id
+from billing.db.pool import open_pool
+from billing.domain.hours import hour_key
+from billing.domain.ids import monthly_reset_id, org_billing_id, stripe_report_id, usage_sync_id
+from billing.domain.months import month_key, parse_month
 from billing.models import MonthlyCloseInput
-from billing.models_billing import OperatorRequest, OrgBillingInput
-from billing.models_stripe import StorageOverageInput
-from billing.models_sync import PullSyncInput
-from billing.months import month_key, parse_month
-from billing.org_billing import operator_update, query_org_billing_state
-from billing.scratch import fresh_database, postgres_server, scratch_database, temporal_dev_server
-from billing.temporal import start_monthly_reset
-from billing.usage_batches import parse_metrics, run_usage_sync, stage_batch
-from tests import stripe_payloads as sp
+from billing.models.org_billing import OperatorRequest, OrgBillingInput
+from billing.models.stripe_report import StorageOverageInput
+from billing.models.usage_sync import PullSyncInput
+from billing.orchestration.org_billing import operator_update, query_org_billing_state
+from billing.orchestration.temporal import start_monthly_reset
+from billing.orchestration.usage_batches import parse_metrics, run_usage_sync, stage_batch
+from billing.testing import stripe_payloads as sp
+from billing.testing.scratch import fresh_database, postgres_server, scratch_database, temporal_dev_server
+from billing.testing.stripe_server import FakeStripe
 from tests.conftest import running_worker
 from tests.factories import make_org
 from tests.report_support import stripe_settings
-from tests.stripe_server import FakeStripe
 from tests.webhook_support import T0, customer_of, harness, paid_org, subscription_of
 
 HISTORIES = Path(__file__).resolve().parent / "histories"

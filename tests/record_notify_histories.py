@@ -15,9 +15,9 @@ from pathlib import Path
 
 from temporalio.client import WorkflowHistory
 
-from billing.db import open_pool
-from billing.models_notify import DeliveryResult, DispatchInput, DispatchResult, NotifyInput
-from billing.scratch import scratch_database, temporal_dev_server
+from billing.db.pool import open_pool
+from billing.models.notify import DeliveryResult, DispatchInput, DispatchResult, NotifyInput
+from billing.testing.scratch import scratch_database, temporal_dev_server
 from tests.conftest import make_settings, running_worker
 from tests.factories import make_org
 from tests.notify_receiver import Receiver

@@ -9,12 +9,12 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from billing.clock import utcnow
-from billing.config import Settings
-from billing.models_stripe import ReportTuning, StripeReportResult
-from billing.reporting import start_stripe_reports
+from billing.core.clock import utcnow
+from billing.core.config import Settings
+from billing.models.stripe_report import ReportTuning, StripeReportResult
+from billing.orchestration.reporting import start_stripe_reports
+from billing.testing.stripe_server import FakeStripe
 from tests.conftest import make_settings
-from tests.stripe_server import FakeStripe
 
 # Short retry intervals so a 429 storm or a killed worker is recovered from in seconds, not minutes (a
 # killed worker's claim is taken over once its 3 s lease expires). The heartbeat timeout is not short
@@ -31,7 +31,7 @@ TEST_KEY = "sk_test_reporting"
 
 
 def this_hour() -> datetime:
-    """The current UTC hour (of ``billing.clock``): inside this month, and within Stripe's 35-day
+    """The current UTC hour (of ``billing.core.clock``): inside this month, and within Stripe's 35-day
     window. Read it once per test: two reads may straddle hh:00."""
     return utcnow().replace(minute=0, second=0, microsecond=0)
 

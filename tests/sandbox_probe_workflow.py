@@ -9,8 +9,8 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     import pydantic  # noqa: F401  (pass pydantic through, as the real workflows do)
 
-from billing.stripe_events import BillingEvent
-from workflows.payment_state import PaymentState, apply_event, apply_operator
+from billing.domain.payment_state import PaymentState, apply_event, apply_operator
+from billing.domain.stripe_events import BillingEvent
 
 
 @workflow.defn

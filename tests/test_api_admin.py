@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from billing.config import Settings
+from billing.core.config import Settings
 from tests.api_client import AUTH, api_client
 from tests.factories import fetch_value
 
@@ -170,7 +170,7 @@ async def test_health_and_metrics(settings: Settings, pool: AsyncConnectionPool,
 async def test_health_is_503_naming_postgres_when_it_is_gone(
     settings: Settings, client: Client, database_url: str
 ) -> None:
-    from billing.db import open_pool
+    from billing.db.pool import open_pool
 
     doomed = await open_pool(database_url, max_size=1)
     await doomed.close()

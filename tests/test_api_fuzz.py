@@ -29,8 +29,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.admin import OrgBody, PlanBody
 from api.schemas import OPERATIONS
-from billing.config import Settings
-from billing.scratch import fresh_database
+from billing.core.config import Settings
+from billing.testing.scratch import fresh_database
 from tests.api_client import api_client
 from tests.conftest import API_TOKEN
 from tests.process_support import Process, billing_process, process_env

@@ -17,7 +17,8 @@ import httpx
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from billing.scratch import fresh_database
+from billing.testing.scratch import fresh_database
+from billing.testing.stripe_server import sign_payload
 from tests.conftest import API_TOKEN
 from tests.process_support import (
     PeakSampler,
@@ -27,7 +28,6 @@ from tests.process_support import (
     process_env,
     stream_request,
 )
-from tests.stripe_server import sign_payload
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 WEBHOOK_SECRET = "whsec_process_test_0123456789"

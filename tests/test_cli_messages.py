@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from billing.humanize import gib, iso, plural, verb
+from billing.read.humanize import gib, iso, plural, verb
 from tests.conftest import VENV_BIN
 
 ROOT = Path(__file__).resolve().parent.parent

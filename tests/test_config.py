@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from billing.config import Settings
-from billing.errors import ConfigError
+from billing.core.config import Settings
+from billing.core.errors import ConfigError
 from tests.conftest import VENV_BIN
 
 GOOD_DB = "postgresql://postgres@127.0.0.1:5432/postgres"

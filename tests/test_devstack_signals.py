@@ -22,8 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from billing import devstack
-from billing.config import Settings
+from billing.cli import devstack
+from billing.core.config import Settings
 from tests.conftest import VENV_BIN
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,12 +14,12 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from api.app import create_app
-from billing.reconcile import reconcile
-from billing.stripe_client import make_stripe_client
+from billing.adapters.stripe_client import make_stripe_client
+from billing.read.reconcile import reconcile
+from billing.testing.stripe_server import FakeStripe
 from tests.conftest import API_TOKEN, Clock, running_worker
 from tests.factories import fetch_value, make_org
 from tests.report_support import stripe_settings
-from tests.stripe_server import FakeStripe
 from tests.usage_support import day_start, month_start, row, utc_now
 
 INCLUDED_PRO_TASKS = 50_000

@@ -22,11 +22,11 @@ from temporalio.client import Client
 from api.telemetry import STANDARD_METHODS
 from api.validation import MAX_ADMIN_BODY_BYTES
 from api.webhooks import MAX_BODY_BYTES as WEBHOOK_MAX_BODY_BYTES
-from billing.config import Settings
+from billing.core.config import Settings
+from billing.testing.stripe_server import sign_payload
 from tests.api_client import AUTH, api_client
 from tests.conftest import make_settings
 from tests.factories import fetch_value, make_org
-from tests.stripe_server import sign_payload
 from tests.usage_support import day_start, http, push, row, utc_now
 from tests.webhook_support import WEBHOOK_SECRET
 

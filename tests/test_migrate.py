@@ -9,9 +9,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from billing.errors import MigrationError
-from billing.migrate import migrate
-from billing.sql import migration_files
+from billing.core.errors import MigrationError
+from billing.db.migrate import migrate
+from billing.db.sql import migration_files
 from tests.conftest import fresh_database
 
 

@@ -9,9 +9,9 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from billing.config import Settings
+from billing.core.config import Settings
 from billing.models import MonthlyResetResult
-from billing.temporal import start_monthly_reset
+from billing.orchestration.temporal import start_monthly_reset
 from tests.factories import fetch_value, make_org
 
 OCTOBER = date(2026, 10, 1)

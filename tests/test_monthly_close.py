@@ -8,7 +8,7 @@ from datetime import date
 from psycopg_pool import AsyncConnectionPool
 from temporalio.testing import WorkflowEnvironment
 
-from billing.ids import monthly_reset_id
+from billing.domain.ids import monthly_reset_id
 from billing.models import MonthlyCloseInput, MonthlyCloseResult, MonthlyResetResult
 from tests.conftest import make_settings, running_worker
 from tests.factories import fetch_value, make_org

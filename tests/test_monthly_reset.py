@@ -11,10 +11,10 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
-from billing.config import Settings
-from billing.ids import monthly_reset_id
+from billing.core.config import Settings
+from billing.domain.ids import monthly_reset_id
 from billing.models import MonthlyResetResult
-from billing.temporal import start_monthly_reset
+from billing.orchestration.temporal import start_monthly_reset
 from tests.conftest import VENV_BIN
 from tests.factories import fetch_value, make_org
 

@@ -21,11 +21,11 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from temporalio.client import Client
 
 from api.app import create_app
-from billing.clock import utcnow
-from billing.config import Settings
-from billing.models_notify import DeliveryResult, NotifyInput
-from billing.notifications import Dispatcher, body_of, signed_headers
-from billing.scratch import VENV_BIN
+from billing.adapters.notifications import Dispatcher, body_of, signed_headers
+from billing.core.clock import utcnow
+from billing.core.config import Settings
+from billing.models.notify import DeliveryResult, NotifyInput
+from billing.testing.scratch import VENV_BIN
 from tests.conftest import API_TOKEN, make_settings, running_worker
 from tests.factories import make_org
 from tests.notify_receiver import Receiver

@@ -16,14 +16,14 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from billing.clock import utcnow
-from billing.models_billing import OperatorRequest
-from billing.months import month_key
-from billing.org_billing import operator_update
-from tests import stripe_payloads as sp
+from billing.core.clock import utcnow
+from billing.domain.months import month_key
+from billing.models.org_billing import OperatorRequest
+from billing.orchestration.org_billing import operator_update
+from billing.testing import stripe_payloads as sp
+from billing.testing.stripe_server import FakeStripe
 from tests.api_client import AUTH
 from tests.factories import Org, make_org
-from tests.stripe_server import FakeStripe
 from tests.webhook_support import T0, Harness, add_usage, customer_of, harness, paid_org, subscription_of
 
 WRITE = {"path": "/api/v1/session/s1/messages", "method": "POST"}
@@ -202,8 +202,8 @@ async def test_operator_updates_amid_continue_as_new_are_all_answered_and_enforc
 ) -> None:
     """A run that continues as new every 2 items: updates in flight are applied before it does, so none
     is left waiting (or lost) across runs, and each answer reflects its own committed write."""
-    from billing.ids import org_billing_id
-    from billing.models_billing import OrgBillingInput
+    from billing.domain.ids import org_billing_id
+    from billing.models.org_billing import OrgBillingInput
     from tests.test_org_billing import _scenario
 
     org = await paid_org(pool, plan="pro", projects=2)

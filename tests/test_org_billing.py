@@ -14,13 +14,13 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from billing.config import Settings
-from billing.ids import org_billing_id
-from billing.models_billing import OrgBillingInput, OrgBillingView
-from tests import stripe_payloads as sp
+from billing.core.config import Settings
+from billing.domain.ids import org_billing_id
+from billing.models.org_billing import OrgBillingInput, OrgBillingView
+from billing.testing import stripe_payloads as sp
+from billing.testing.stripe_server import FakeStripe
 from tests.conftest import VENV_BIN
 from tests.factories import Org
-from tests.stripe_server import FakeStripe
 from tests.webhook_support import T0, Harness, customer_of, harness, paid_org, subscription_of
 
 TAGS = (

@@ -10,9 +10,9 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from billing.months import current_month
-from tests import stripe_payloads as sp
-from tests.stripe_server import FakeStripe
+from billing.core.clock import current_month
+from billing.testing import stripe_payloads as sp
+from billing.testing.stripe_server import FakeStripe
 from tests.webhook_support import T0, add_usage, customer_of, harness, paid_org, subscription_of
 
 TAGS = (

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing.stripe_events import BillingEvent, parse_event
-from tests import stripe_payloads as sp
-from workflows.payment_state import PaymentState, apply_event
+from billing.domain.payment_state import PaymentState, apply_event
+from billing.domain.stripe_events import BillingEvent, parse_event
+from billing.testing import stripe_payloads as sp
 
 T0 = 1_761_000_000
 METERED = sp.price("price_tasks", product="prod_usage", metered=True)

@@ -1,4 +1,4 @@
-"""Unit tests of the pure payment state machine (`workflows.payment_state`), fed with parsed payloads."""
+"""Unit tests of the pure payment state machine (`billing.domain.payment_state`), fed with parsed payloads."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from typing import Any
 
 import pytest
 
-from billing.stripe_events import BillingEvent, parse_event
-from tests import stripe_payloads as sp
-from workflows.payment_state import (
+from billing.domain.payment_state import (
     MAX_SEEN_EVENT_IDS,
     PaymentState,
     RecomputeQuota,
@@ -29,6 +27,8 @@ from workflows.payment_state import (
     apply_resolved_plan,
     record_stripe_refusal,
 )
+from billing.domain.stripe_events import BillingEvent, parse_event
+from billing.testing import stripe_payloads as sp
 
 T0 = 1_761_000_000
 METERED = sp.price("price_tasks", product="prod_usage", metered=True)

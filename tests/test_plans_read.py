@@ -5,7 +5,7 @@ from __future__ import annotations
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from billing.config import Settings
+from billing.core.config import Settings
 from tests.api_client import AUTH, api_client
 
 TAGS = [

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from psycopg.rows import dict_row
 from temporalio.testing import WorkflowEnvironment
 
-from billing.scratch import fresh_database
+from billing.testing.scratch import fresh_database
 from tests.conftest import API_TOKEN
 from tests.process_support import Process, billing_process, process_env
 

@@ -12,8 +12,8 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from api.quota import FlagLookup
-from billing.config import Settings
-from billing.telemetry import tracer_provider
+from billing.core.config import Settings
+from billing.observability.telemetry import tracer_provider
 from tests.api_client import AUTH, api_client
 from tests.factories import make_org
 
@@ -150,7 +150,7 @@ async def test_concurrent_checks_share_one_read(pool: AsyncConnectionPool) -> No
 
 
 async def test_a_failed_read_fails_its_checks_and_the_next_check_reads_again(database_url: str) -> None:
-    from billing.db import open_pool
+    from billing.db.pool import open_pool
 
     doomed = await open_pool(database_url, max_size=1)
     await doomed.close()
@@ -171,7 +171,7 @@ async def test_a_check_when_the_database_is_gone_is_answered_by_the_framework_as
     import httpx
 
     from api.app import create_app
-    from billing.db import open_pool
+    from billing.db.pool import open_pool
 
     doomed = await open_pool(database_url, max_size=1)
     await doomed.close()

@@ -28,8 +28,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from billing.months import current_month, previous_month
-from billing.scratch import fresh_database
+from billing.core.clock import current_month
+from billing.domain.months import previous_month
+from billing.testing.scratch import fresh_database
 from tests.conftest import VENV_BIN
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,12 +21,12 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.retention import purge_expired
 from api.app import create_app
-from billing.config import Settings
-from billing.db import open_pool
-from billing.errors import ConfigError
+from billing.core.config import Settings
+from billing.core.errors import ConfigError
+from billing.db.pool import open_pool
 from billing.models import PurgeInput, PurgeResult, RetentionInput
-from billing.scratch import VENV_BIN, fresh_database
-from billing.temporal import scheduled_jobs
+from billing.orchestration.temporal import scheduled_jobs
+from billing.testing.scratch import VENV_BIN, fresh_database
 from tests.conftest import API_TOKEN, make_settings, running_worker
 from tests.factories import fetch_value, make_org
 from tests.usage_support import day_start, row, usage_snapshot
@@ -52,7 +52,7 @@ class Stack:
 
     async def age_batch_of(self, rows: list[dict[str, Any]], days: int) -> None:
         """Make the batch of these rows look staged ``days`` ago."""
-        from billing.usage_batches import batch_id_of
+        from billing.orchestration.usage_batches import batch_id_of
 
         async with self.pool.connection() as conn:
             await conn.execute(

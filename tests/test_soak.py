@@ -17,8 +17,8 @@ import sys
 from datetime import date
 
 from bench.soak import Stats, Verdict, Workload, _summary
-from billing.stripe_events import parse_event
-from workflows.payment_state import PaymentState, apply_event
+from billing.domain.payment_state import PaymentState, apply_event
+from billing.domain.stripe_events import parse_event
 
 TODAY = date(2026, 12, 1)
 

@@ -1,4 +1,4 @@
-"""Unit tests of `billing.stripe_events.parse_event` on realistic payloads of every handled shape."""
+"""Unit tests of `billing.domain.stripe_events.parse_event` on realistic payloads of every handled shape."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from billing.stripe_events import (
+from billing.domain.stripe_events import (
     HANDLED_EVENT_TYPES,
     BillingEvent,
     MalformedStripeEvent,
@@ -14,7 +14,7 @@ from billing.stripe_events import (
     plan_from_product,
     price_is_metered,
 )
-from tests import stripe_payloads as sp
+from billing.testing import stripe_payloads as sp
 
 T0 = 1_761_000_000
 METERED = sp.price("price_tasks", product="prod_usage", metered=True)

@@ -16,12 +16,12 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.stripe_reports import StripeReportActivities
-from billing.models_stripe import SendReportsInput
-from billing.report_ops import act_on_rows
-from billing.stripe_client import make_stripe_client
+from billing.adapters.stripe_client import make_stripe_client
+from billing.db.report_ops import act_on_rows
+from billing.models.stripe_report import SendReportsInput
+from billing.testing.stripe_server import FakeStripe
 from tests.factories import make_org
 from tests.report_support import stripe_settings, this_hour
-from tests.stripe_server import FakeStripe
 
 OPS = st.one_of(
     st.tuples(st.just("usage"), st.integers(min_value=1, max_value=50)),

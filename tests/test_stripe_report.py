@@ -10,12 +10,13 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from activities.stripe_reports import idempotency_key
-from billing.ids import stripe_report_id
-from billing.models_stripe import StripeReportResult
-from billing.reconcile import reconcile
-from billing.reporting import start_stripe_reports
-from billing.status import load_org_status
-from billing.stripe_client import make_stripe_client
+from billing.adapters.stripe_client import make_stripe_client
+from billing.domain.ids import stripe_report_id
+from billing.models.stripe_report import StripeReportResult
+from billing.orchestration.reporting import start_stripe_reports
+from billing.read.reconcile import reconcile
+from billing.read.status import load_org_status
+from billing.testing.stripe_server import FakeStripe
 from tests.conftest import make_settings, running_worker
 from tests.factories import make_org
 from tests.report_support import (
@@ -28,7 +29,6 @@ from tests.report_support import (
     stripe_settings,
     this_hour,
 )
-from tests.stripe_server import FakeStripe
 
 
 async def _waiting_metrics(settings, pool: AsyncConnectionPool, client: Client) -> tuple[float, float]:
@@ -289,7 +289,7 @@ async def test_without_a_key_rows_stay_pending_then_the_hourly_job_sends_them_on
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
     hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
-    from billing.models_stripe import StorageOverageInput, StorageOverageResult
+    from billing.models.stripe_report import StorageOverageInput, StorageOverageResult
 
     with FakeStripe() as fake:
         customer = fake.add_customer()
@@ -350,7 +350,7 @@ async def test_the_start_activity_the_sync_calls_starts_or_signals_one_report_pe
     from temporalio.testing import ActivityEnvironment
 
     from activities.stripe_reports import StripeReportActivities
-    from billing.models_stripe import StartStripeReportsInput
+    from billing.models.stripe_report import StartStripeReportsInput
 
     with FakeStripe() as fake:
         customer = fake.add_customer()

@@ -19,9 +19,10 @@ import stripe
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from billing.config import Settings
-from billing.models_stripe import StripeReportResult
-from billing.reporting import start_stripe_reports
+from billing.core.config import Settings
+from billing.models.stripe_report import StripeReportResult
+from billing.orchestration.reporting import start_stripe_reports
+from billing.testing.stripe_server import FakeStripe
 from tests.conftest import VENV_BIN
 from tests.factories import make_org
 from tests.report_support import (
@@ -34,7 +35,6 @@ from tests.report_support import (
     stripe_settings,
     this_hour,
 )
-from tests.stripe_server import FakeStripe
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,13 +9,13 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from billing.ids import stripe_report_id
-from billing.models_stripe import StorageOverageInput, StorageOverageResult, StripeReportResult
-from billing.months import parse_month, previous_month
+from billing.domain.ids import stripe_report_id
+from billing.domain.months import parse_month, previous_month
+from billing.models.stripe_report import StorageOverageInput, StorageOverageResult, StripeReportResult
+from billing.testing.stripe_server import FakeStripe
 from tests.conftest import running_worker
 from tests.factories import make_org
 from tests.report_support import FAST, counted_identifiers, outbox, stripe_settings, this_hour
-from tests.stripe_server import FakeStripe
 
 GIB = 1024**3
 PRO_INCLUDED = 50 * GIB

@@ -19,13 +19,14 @@ from temporalio.testing import ActivityEnvironment
 import activities.stripe_reports as stripe_reports
 from activities.stripe_reports import StripeReportActivities, idempotency_key
 from api.app import create_app
-from billing.errors import UserError
-from billing.models_stripe import QueueStorageOverageInput, StripeReportResult
-from billing.reconcile import reconcile
-from billing.report_ops import act_on_rows
-from billing.reporting import start_stripe_reports
-from billing.status import load_org_status
-from billing.stripe_client import make_stripe_client
+from billing.adapters.stripe_client import make_stripe_client
+from billing.core.errors import UserError
+from billing.db.report_ops import act_on_rows
+from billing.models.stripe_report import QueueStorageOverageInput, StripeReportResult
+from billing.orchestration.reporting import start_stripe_reports
+from billing.read.reconcile import reconcile
+from billing.read.status import load_org_status
+from billing.testing.stripe_server import FakeStripe, sign_payload
 from tests.conftest import API_TOKEN, running_worker
 from tests.factories import make_org
 from tests.report_support import (
@@ -39,7 +40,6 @@ from tests.report_support import (
     stripe_settings,
     this_hour,
 )
-from tests.stripe_server import FakeStripe, sign_payload
 
 METER_EVENTS = "/v1/billing/meter_events"
 GIB = 1024**3
@@ -519,8 +519,8 @@ async def test_operator_commands_on_the_cli_record_who_and_why_and_refuse_bad_in
 
 
 def test_the_horizon_and_the_finalization_grace_are_durations_and_bad_values_name_their_variable() -> None:
-    from billing.config import Settings
-    from billing.errors import ConfigError
+    from billing.core.config import Settings
+    from billing.core.errors import ConfigError
 
     loaded = Settings.load(BILLING_REPORT_HORIZON="12h", BILLING_STRIPE_FINALIZATION_GRACE="90m")
     assert (loaded.report_horizon, loaded.finalization_grace) == (timedelta(hours=12), timedelta(minutes=90))

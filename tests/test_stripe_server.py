@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import stripe
 
-from tests.stripe_server import FakeStripe, sign_payload
+from billing.testing.stripe_server import FakeStripe, sign_payload
 
 API_KEY = "sk_test_fake"
 

@@ -8,8 +8,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from billing.clock import utcnow
-from billing.months import current_month
+from billing.core.clock import current_month, utcnow
 from tests.activity_delay import ActivityDelay, activity_delay, delay_interceptors
 from tests.conftest import Clock
 from tests.factories import fetch_value, make_org

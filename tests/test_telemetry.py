@@ -21,17 +21,17 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from api.app import create_app
-from billing.db import open_pool
-from billing.metrics import (
+from billing.db.pool import open_pool
+from billing.models.notify import DispatchInput, DispatchResult
+from billing.observability.metrics import (
     NOTIFICATION_STATES,
     REPORT_STATES,
     WorkerMetrics,
     free_local_port,
     temporal_runtime,
 )
-from billing.models_notify import DispatchInput, DispatchResult
-from billing.scratch import VENV_BIN, fresh_database
-from billing.temporal import scheduled_jobs
+from billing.orchestration.temporal import scheduled_jobs
+from billing.testing.scratch import VENV_BIN, fresh_database
 from tests.conftest import make_settings
 from worker import build_worker
 

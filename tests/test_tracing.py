@@ -23,13 +23,13 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from api.app import create_app
-from billing.db import open_pool
-from billing.temporal import connect
-from billing.tracing import otlp_requested
+from billing.db.pool import open_pool
+from billing.observability.tracing import otlp_requested
+from billing.orchestration.temporal import connect
+from billing.testing.stripe_server import FakeStripe
 from tests.conftest import API_TOKEN, running_worker
 from tests.factories import make_org
 from tests.report_support import stripe_settings
-from tests.stripe_server import FakeStripe
 from tests.usage_support import day_start, row, utc_now
 
 
@@ -139,8 +139,8 @@ def test_otlp_export_follows_the_standard_variables() -> None:
 def test_with_an_otlp_endpoint_set_a_process_exports_spans_with_otlp() -> None:
     # In a process of its own: configuring tracing changes process-wide providers and instrumentation.
     probe = (
-        "from billing.tracing import configure_tracing; configure_tracing()\n"
-        "from billing.telemetry import tracer_provider\n"
+        "from billing.observability.tracing import configure_tracing; configure_tracing()\n"
+        "from billing.observability.telemetry import tracer_provider\n"
         "print(sorted(type(p.span_exporter).__name__ for p in tracer_provider()._active_span_processor._span_processors))\n"
     )
     env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}

@@ -11,10 +11,10 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from billing.config import Settings
+from billing.core.config import Settings
+from billing.domain.months import month_key
 from billing.models import MonthlyResetResult
-from billing.months import month_key
-from billing.temporal import start_monthly_reset
+from billing.orchestration.temporal import start_monthly_reset
 from tests.factories import fetch_value, make_org
 from tests.usage_support import (
     ALL_TAGS,

@@ -20,14 +20,14 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 from temporalio.exceptions import ApplicationError
 
 from api.app import create_app
-from billing.config import Settings
-from billing.ids import monthly_reset_id, usage_sync_id
+from billing.core.config import Settings
+from billing.db.sql import query
+from billing.domain.ids import monthly_reset_id, usage_sync_id
+from billing.domain.months import month_key
 from billing.models import MonthlyResetInput, MonthlyResetResult
-from billing.models_sync import INPUT_ERROR
-from billing.months import month_key
-from billing.sql import query
-from billing.temporal import MonthNotBegun, start_monthly_reset
-from billing.usage_batches import parse_metrics, stage_batch
+from billing.models.usage_sync import INPUT_ERROR
+from billing.orchestration.temporal import MonthNotBegun, start_monthly_reset
+from billing.orchestration.usage_batches import parse_metrics, stage_batch
 from tests.conftest import API_TOKEN, VENV_BIN, make_settings, running_worker
 from tests.factories import fetch_value, make_org
 from tests.usage_support import (

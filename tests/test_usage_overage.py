@@ -9,10 +9,10 @@ import httpx
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from billing.config import Settings
-from billing.months import month_key
-from billing.temporal import start_monthly_reset
-from billing.usage_batches import batch_id_of
+from billing.core.config import Settings
+from billing.domain.months import month_key
+from billing.orchestration.temporal import start_monthly_reset
+from billing.orchestration.usage_batches import batch_id_of
 from tests.factories import make_org
 from tests.usage_support import (
     day_start,

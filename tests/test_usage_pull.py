@@ -16,12 +16,12 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from billing import cli
-from billing.config import Settings
-from billing.ids import monthly_reset_id
-from billing.models_sync import PullSyncInput, PullSyncResult
-from billing.months import month_key
-from billing.temporal import start_monthly_reset
+from billing.cli import main as cli
+from billing.core.config import Settings
+from billing.domain.ids import monthly_reset_id
+from billing.domain.months import month_key
+from billing.models.usage_sync import PullSyncInput, PullSyncResult
+from billing.orchestration.temporal import start_monthly_reset
 from tests.conftest import fresh_database, make_settings, running_worker
 from tests.factories import make_org
 from tests.usage_support import day_start, month_start, org_usage, utc_now

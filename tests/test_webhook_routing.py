@@ -12,13 +12,13 @@ from pydantic import SecretStr
 from temporalio.client import Client
 
 from api.webhooks import key_livemode
-from billing.clock import utcnow
-from billing.config import Settings
-from billing.months import month_key
-from billing.status import load_org_status
-from tests import stripe_payloads as sp
+from billing.core.clock import utcnow
+from billing.core.config import Settings
+from billing.domain.months import month_key
+from billing.read.status import load_org_status
+from billing.testing import stripe_payloads as sp
+from billing.testing.stripe_server import FakeStripe
 from tests.factories import make_org
-from tests.stripe_server import FakeStripe
 from tests.test_webhooks import _workflow_exists
 from tests.webhook_support import T0, customer_of, harness, paid_org
 

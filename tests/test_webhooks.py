@@ -13,11 +13,11 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 
-from billing.db import open_pool
-from billing.ids import org_billing_id
-from tests import stripe_payloads as sp
+from billing.db.pool import open_pool
+from billing.domain.ids import org_billing_id
+from billing.testing import stripe_payloads as sp
+from billing.testing.stripe_server import FakeStripe, sign_payload
 from tests.conftest import API_TOKEN
-from tests.stripe_server import FakeStripe, sign_payload
 from tests.webhook_support import T0, WEBHOOK_SECRET, customer_of, harness, paid_org, subscription_of
 
 

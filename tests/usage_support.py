@@ -13,8 +13,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from api.app import create_app
-from billing.clock import utcnow
-from billing.config import Settings
+from billing.core.clock import utcnow
+from billing.core.config import Settings
 from tests.conftest import API_TOKEN, Clock
 
 COUNTERS = ("search.experience.agentic", "search.experience.embedding", "space.learned", "task.created")
@@ -28,7 +28,7 @@ ALL_TAGS = (
 
 
 def utc_now() -> datetime:
-    """Now by ``billing.clock`` (pinned for the test by the ``http`` fixture's clock)."""
+    """Now by ``billing.core.clock`` (pinned for the test by the ``http`` fixture's clock)."""
     return utcnow()
 
 

@@ -16,12 +16,12 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from api.app import create_app
-from billing.config import Settings
-from billing.models_billing import OrgBillingView
-from billing.org_billing import query_org_billing_state
+from billing.core.config import Settings
+from billing.models.org_billing import OrgBillingView
+from billing.orchestration.org_billing import query_org_billing_state
+from billing.testing.stripe_server import FakeStripe, sign_payload
 from tests.conftest import make_settings, running_worker
 from tests.factories import Org, make_org
-from tests.stripe_server import FakeStripe, sign_payload
 
 WEBHOOK_SECRET = "whsec_test_secret_0123456789"
 STRIPE_KEY = "sk_test_org_billing"

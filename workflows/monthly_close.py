@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from temporalio import workflow
 
+from billing.domain.months import month_key
 from billing.models import MonthlyCloseInput, MonthlyCloseResult, StartResetsInput, StartResetsResult
-from billing.months import month_key
 from workflows.common import run_db_activity
 
 # Pages per run before continuing as new: keeps the history small for any number of orgs.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from temporalio import workflow
 
+from billing.domain.months import previous_month
 from billing.models import MonthlyResetInput, MonthlyResetResult
-from billing.months import previous_month
 from workflows.common import run_db_activity, run_db_activity_local_first
 
 
@@ -14,7 +14,7 @@ class MonthlyResetWorkflow:
     """Runs the one transaction that claims and closes the month; never half-applied.
 
     Its workflow ID is reused only after a run that did not complete (see
-    billing.temporal.start_monthly_reset), and the SQL claim makes a second run change nothing even
+    billing.orchestration.temporal.start_monthly_reset), and the SQL claim makes a second run change nothing even
     after Temporal has forgotten the first. A month that has not begun is refused by the activity,
     non-retryably, so such a run fails at once with the reason.
     """

@@ -13,7 +13,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
-from billing.models_notify import (
+from billing.models.notify import (
     DeliveryResult,
     DispatchInput,
     DispatchResult,

@@ -2,7 +2,7 @@
 
 Stripe events (signals from the webhook receiver) and operator block/unblock (Temporal Updates from the
 CLI, sent with update-with-start) go into one queue and are processed one at a time, so concurrent
-deliveries for one org are serialised. Each is applied with the pure reducer (workflows/payment_state.py)
+deliveries for one org are serialised. Each is applied with the pure reducer (billing/domain/payment_state.py)
 and its effects are carried out by activities (activities/payments.py): the billing row and quota flags
 in one transaction, Stripe calls with an Idempotency-Key derived from the event. A Stripe refusal (4xx),
 or a call that kept failing for an hour, is recorded in the state and the workflow carries on; it never
@@ -36,9 +36,27 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     import pydantic  # noqa: F401  (pass pydantic through, as the other workflows do)
 
-    from billing.temporal import ORG_ID, PAYMENT_STATUS
+    from billing.models.search_attributes import ORG_ID, PAYMENT_STATUS
 
-from billing.models_billing import (
+from billing.domain.months import month_key
+from billing.domain.payment_state import (
+    Effect,
+    OperatorBlock,
+    PaymentState,
+    RecomputeQuota,
+    ResolveInvoiceKind,
+    ResolvePlan,
+    RevokeDowngrade,
+    ScheduleDowngrade,
+    Transition,
+    apply_event,
+    apply_operator,
+    apply_resolved_invoice_kind,
+    apply_resolved_plan,
+    record_stripe_refusal,
+)
+from billing.domain.stripe_events import BillingEvent
+from billing.models.org_billing import (
     BILLING_COLUMNS,
     FailedInvoice,
     MarkWebhookEventsInput,
@@ -58,25 +76,7 @@ from billing.models_billing import (
     SyncOrgBillingInput,
     SyncOrgBillingResult,
 )
-from billing.months import month_key
-from billing.stripe_events import BillingEvent
 from workflows.common import run_db_activity
-from workflows.payment_state import (
-    Effect,
-    OperatorBlock,
-    PaymentState,
-    RecomputeQuota,
-    ResolveInvoiceKind,
-    ResolvePlan,
-    RevokeDowngrade,
-    ScheduleDowngrade,
-    Transition,
-    apply_event,
-    apply_operator,
-    apply_resolved_invoice_kind,
-    apply_resolved_plan,
-    record_stripe_refusal,
-)
 
 # Stripe calls: 429/5xx/timeouts are retried with backoff for up to an hour; after that the call is
 # recorded like a refusal, so a long Stripe outage delays this org's later events by at most an hour.

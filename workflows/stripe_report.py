@@ -10,8 +10,8 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 
-from billing.hours import hour_key
-from billing.models_stripe import (
+from billing.domain.hours import hour_key
+from billing.models.stripe_report import (
     QueueStorageOverageInput,
     QueueStorageOverageResult,
     ReportTuning,

@@ -10,9 +10,9 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
-from billing.hours import hour_key
-from billing.models_stripe import StartPendingReportsInput, StartReportsResult
-from billing.models_sync import (
+from billing.domain.hours import hour_key
+from billing.models.stripe_report import StartPendingReportsInput, StartReportsResult
+from billing.models.usage_sync import (
     PARTIAL_BATCH_ERROR,
     AdvanceWatermarkInput,
     AdvanceWatermarkResult,

@@ -1,0 +1,1 @@
+"""The SQL files (migrations, named queries, schema.sql), installed as the package ``billing_sql``."""
