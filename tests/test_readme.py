@@ -169,7 +169,8 @@ class Stack:
 def stack(postgres_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """``billing dev`` on a fresh database of the session's PostgreSQL and its own Temporal dev server."""
     workdir = tmp_path_factory.mktemp("readme")
-    ports = {8080: _free_port(), 7233: _free_port(), 8233: _free_port()}
+    # The worker's metrics port too: a busy default (another stack on this machine) adds a line to the banner.
+    ports = {8080: _free_port(), 7233: _free_port(), 8233: _free_port(), 9464: _free_port()}
     with fresh_database(postgres_admin_url, migrated=False, prefix="billing_readme") as database_url:
         process = subprocess.Popen(
             [
@@ -188,6 +189,7 @@ def stack(postgres_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
                 "HOME": os.environ.get("HOME", "/tmp"),
                 "DATABASE_URL": database_url,
                 "BILLING_HTTP_ADDR": f"127.0.0.1:{ports[8080]}",
+                "BILLING_WORKER_METRICS_ADDR": f"127.0.0.1:{ports[9464]}",
             },
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
