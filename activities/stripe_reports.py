@@ -52,7 +52,6 @@ from billing.models.stripe_report import (
     SendReportsResult,
     StartPendingReportsInput,
     StartReportsResult,
-    StartStripeReportsInput,
 )
 from billing.observability.telemetry import (
     STRIPE_CONFIG_REFUSALS,
@@ -443,20 +442,6 @@ class StripeReportActivities:
             started=starts.started,
             already_running=starts.already_running,
             last_org_id=org_ids[-1] if len(org_ids) == request.page_size else None,
-        )
-
-    @activity.defn(name="start_stripe_reports")
-    async def start_stripe_reports(self, request: StartStripeReportsInput) -> StartReportsResult:
-        """Start (or signal) ``stripe-report/{org}/{hour}`` for the given orgs: what a sync calls for the
-        orgs its batch queued overage for. Repeating it is harmless."""
-        org_ids = [_validate_org_id(org_id) for org_id in request.org_ids]
-        starts = await reporting.start_stripe_reports(
-            self.client, self.task_queue, org_ids, parse_hour(request.hour), tuning=request.tuning
-        )
-        return StartReportsResult(
-            started=starts.started,
-            already_running=starts.already_running,
-            stripe_configured=self.stripe is not None,
         )
 
 

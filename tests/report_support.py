@@ -48,11 +48,12 @@ async def queue_rows(
     *,
     tag: str = "task.created",
     hour: datetime | None = None,
+    batch: str | None = None,
 ) -> list[str]:
-    """Insert one pending outbox row per quantity, oldest first, as a sync batch would, stamped
-    ``hour`` (default this hour); returns the identifiers in row order."""
+    """Insert one pending outbox row per quantity, oldest first, as sync batch ``batch`` (default a fresh
+    one) would, stamped ``hour`` (default this hour); returns the identifiers in row order."""
     hour = hour or this_hour()
-    batch = uuid.uuid4().hex[:12]
+    batch = batch or uuid.uuid4().hex[:12]
     identifiers = [f"sync-test-{batch}-{i}" for i in range(len(quantities))]
     async with pool.connection() as conn:
         for identifier, quantity in zip(identifiers, quantities, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import datetime, timedelta
 
 import httpx
@@ -344,33 +345,31 @@ async def test_without_a_key_rows_stay_pending_then_the_hourly_job_sends_them_on
 async def test_the_start_activity_the_sync_calls_starts_or_signals_one_report_per_org(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    """``start_pending_stripe_reports`` with the batch's source (what ``usage-sync/{batch}`` runs): the
+    first call starts the org's report, a second one while it runs only signals it."""
     hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
-    import pytest
-    from temporalio.exceptions import ApplicationError
     from temporalio.testing import ActivityEnvironment
 
     from activities.stripe_reports import StripeReportActivities
-    from billing.models.stripe_report import StartStripeReportsInput
+    from billing.models.stripe_report import StartPendingReportsInput
 
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, [2, 4], hour=hour)
+        batch = uuid.uuid4().hex[:12]
+        identifiers = await queue_rows(pool, org.id, [2, 4], hour=hour, batch=batch)
         settings = stripe_settings(database_url, client, fake)
         activities = StripeReportActivities(pool, client, settings.task_queue, make_stripe_client(settings))
-        request = StartStripeReportsInput(
-            org_ids=[org.id, org.id], hour=f"{hour:%Y-%m-%dT%H}", tuning=FAST
-        )
+        request = StartPendingReportsInput(hour=f"{hour:%Y-%m-%dT%H}", source=f"sync:{batch}", tuning=FAST)
+        # No worker yet: the first start's run is still running when the second call comes.
+        started = await ActivityEnvironment().run(activities.start_pending_stripe_reports, request)
+        again = await ActivityEnvironment().run(activities.start_pending_stripe_reports, request)
         async with running_worker(settings, pool, client):
-            started = await ActivityEnvironment().run(activities.start_stripe_reports, request)
             handle = client.get_workflow_handle(
                 stripe_report_id(org.id, hour), result_type=StripeReportResult
             )
             result = await handle.result()
         assert (started.started, started.already_running, started.stripe_configured) == (1, 0, True)
+        assert (again.started, again.already_running, again.last_org_id) == (0, 1, None)
         assert result.sent == 2
         assert counted_identifiers(fake) == identifiers
-
-        bad = StartStripeReportsInput(org_ids=["not-a-uuid"], hour=f"{hour:%Y-%m-%dT%H}")
-        with pytest.raises(ApplicationError, match="org id must be a UUID, got 'not-a-uuid'"):
-            await ActivityEnvironment().run(activities.start_stripe_reports, bad)

@@ -77,7 +77,6 @@ def activities(
         reports.send_stripe_reports,
         reports.queue_storage_overage,
         reports.start_pending_stripe_reports,
-        reports.start_stripe_reports,
         RetentionActivities(settings, pool).purge_expired,
         notifications.dispatch_notifications,
         notifications.deliver_notification,

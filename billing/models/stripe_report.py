@@ -81,18 +81,6 @@ class StartReportsResult(Model):
     last_org_id: str | None = None
 
 
-class StartStripeReportsInput(Model):
-    """Start (or signal, when running) the stripe-report workflows of these orgs for ``hour``.
-
-    This is what the usage sync calls, through the ``start_stripe_reports`` activity, for the orgs its
-    batch queued overage for.
-    """
-
-    org_ids: list[str] = Field(max_length=10_000)
-    hour: str = Field(pattern=HOUR_PATTERN)
-    tuning: ReportTuning = ReportTuning()
-
-
 class StripeReportInput(Model):
     """Send ``org_id``'s pending outbox rows to Stripe, oldest first.
 
