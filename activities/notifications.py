@@ -12,6 +12,7 @@ from billing.adapters.notifications import Dispatcher, body_of, delivery_configu
 from billing.core.clock import utcnow
 from billing.core.config import Settings
 from billing.db.sql import query
+from billing.models.contracts import NotificationContract
 from billing.models.notify import (
     DeliveryResult,
     DispatchInput,
@@ -24,7 +25,7 @@ from billing.observability.metrics import NOTIFICATION_DELIVERIES
 _HTTP_TIMEOUT = 10.0
 
 
-class NotificationActivities:
+class NotificationActivities(NotificationContract):
     """Side effects of ``notify/{id}`` and of the dispatch schedule."""
 
     def __init__(
@@ -34,12 +35,12 @@ class NotificationActivities:
         self.pool = pool
         self.dispatcher = Dispatcher(settings, pool, client, task_queue)
 
-    @activity.defn(name="dispatch_notifications")
+    @activity.defn
     async def dispatch_notifications(self, request: DispatchInput) -> DispatchResult:
         """Start the delivery workflows of recorded notifications (idempotent: see Dispatcher)."""
         return await self.dispatcher.dispatch(request.ids, request.limit)
 
-    @activity.defn(name="deliver_notification")
+    @activity.defn
     async def deliver_notification(self, request: NotifyInput) -> DeliveryResult:
         """POST the notification, signed; a non-2xx answer or no answer fails the attempt (retried).
 
@@ -86,7 +87,7 @@ class NotificationActivities:
         NOTIFICATION_DELIVERIES.labels("delivered").inc()
         return DeliveryResult(notification_id=row["id"], outcome="delivered", attempts=row["attempts"] + 1)
 
-    @activity.defn(name="mark_notification_failed")
+    @activity.defn
     async def mark_notification_failed(self, request: NotificationFailedInput) -> DeliveryResult:
         """Record that delivery was given up (a delivered row stays delivered)."""
         async with self.pool.connection() as conn:

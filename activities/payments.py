@@ -25,6 +25,7 @@ from billing.core.config import Settings
 from billing.db.sql import query
 from billing.domain.months import parse_month
 from billing.domain.stripe_events import PLANS, plan_from_product, price_is_metered
+from billing.models.contracts import PaymentContract
 from billing.models.org_billing import (
     MarkWebhookEventsInput,
     MarkWebhookEventsResult,
@@ -56,7 +57,7 @@ def _describe(exc: stripe.StripeError) -> str:
     return f"HTTP {exc.http_status}: {message}" if exc.http_status else message
 
 
-class PaymentActivities:
+class PaymentActivities(PaymentContract):
     """PostgreSQL writes and Stripe calls of the payment state machine."""
 
     def __init__(self, settings: Settings, pool: AsyncConnectionPool) -> None:
@@ -65,7 +66,7 @@ class PaymentActivities:
 
     # ---------------------------------------------------------------- PostgreSQL
 
-    @activity.defn(name="load_org_billing")
+    @activity.defn
     async def load_org_billing(self, request: OrgRef) -> OrgBillingRow:
         """The org's billing row as the dashboard or the API left it (read only)."""
         async with self.pool.connection() as conn:
@@ -84,7 +85,7 @@ class PaymentActivities:
             stripe_customer_id=row["stripe_customer_id"],
         )
 
-    @activity.defn(name="sync_org_billing")
+    @activity.defn
     async def sync_org_billing(self, request: SyncOrgBillingInput) -> SyncOrgBillingResult:
         """Write the org's billing row and (if asked) recompute its quota flags, in one transaction;
         record a Stripe customer learned from an event when the org has none.
@@ -119,7 +120,7 @@ class PaymentActivities:
         assert row is not None
         return SyncOrgBillingResult(flags=row["flags"])
 
-    @activity.defn(name="mark_webhook_events")
+    @activity.defn
     async def mark_webhook_events(self, request: MarkWebhookEventsInput) -> MarkWebhookEventsResult:
         """Mark webhook events processed by the org workflow (a redelivery is then answered at once)."""
         ids = sorted(request.outcomes)
@@ -132,7 +133,7 @@ class PaymentActivities:
 
     # ---------------------------------------------------------------- Stripe
 
-    @activity.defn(name="change_stripe_subscription")
+    @activity.defn
     async def change_stripe_subscription(self, request: SubscriptionChange) -> StripeCallResult:
         """Schedule or revoke a downgrade at period end, with the effect's Idempotency-Key.
 
@@ -177,7 +178,7 @@ class PaymentActivities:
             )
             return StripeCallResult(done=False, message=_describe(exc))
 
-    @activity.defn(name="resolve_plan")
+    @activity.defn
     async def resolve_plan(self, request: ResolvePlanInput) -> ResolvePlanResult:
         """The plan a Stripe product stands for: its metadata `plan`, else `team`/`pro` in its name."""
         if self.stripe is None:
@@ -194,7 +195,7 @@ class PaymentActivities:
         plan = plan_from_product(product.to_dict(), warnings)
         return ResolvePlanResult(plan=plan, warnings=warnings)
 
-    @activity.defn(name="resolve_invoice_kind")
+    @activity.defn
     async def resolve_invoice_kind(self, request: ResolveInvoiceKindInput) -> ResolveInvoiceKindResult:
         """`metered` if any of the prices is metered or has a meter, else `plan`.
 

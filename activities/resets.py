@@ -12,6 +12,7 @@ from temporalio.client import Client
 from billing.db.sql import query
 from billing.domain.months import month_key, parse_month, previous_month
 from billing.models import MonthlyResetInput, MonthlyResetResult, StartResetsInput, StartResetsResult
+from billing.models.contracts import ResetContract
 from billing.models.usage_sync import input_error
 from billing.observability.metrics import MONTHLY_RESETS
 from billing.orchestration.temporal import start_monthly_reset
@@ -20,7 +21,7 @@ from billing.orchestration.temporal import start_monthly_reset
 _CONCURRENT_STARTS = 16
 
 
-class ResetActivities:
+class ResetActivities(ResetContract):
     """Closes months in PostgreSQL and fans the monthly close out to one reset workflow per org."""
 
     def __init__(self, pool: AsyncConnectionPool, client: Client, task_queue: str) -> None:
@@ -28,7 +29,7 @@ class ResetActivities:
         self.client = client
         self.task_queue = task_queue
 
-    @activity.defn(name="close_org_month")
+    @activity.defn
     async def close_org_month(self, request: MonthlyResetInput) -> MonthlyResetResult:
         """Claim and close one org's month in one transaction (see ``close_org_month`` in sql/).
 
@@ -59,7 +60,7 @@ class ResetActivities:
             flags=row["flags"],
         )
 
-    @activity.defn(name="start_monthly_resets")
+    @activity.defn
     async def start_monthly_resets(self, request: StartResetsInput) -> StartResetsResult:
         """Start the resets of one page of orgs that had usage in the month before ``request.month``."""
         async with self.pool.connection() as conn:

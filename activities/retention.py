@@ -13,6 +13,7 @@ from temporalio import activity
 from billing.core.config import Settings
 from billing.db.sql import query
 from billing.models import PurgeInput, PurgeResult
+from billing.models.contracts import RetentionContract
 
 # Children first, the batch row last: until its last row is gone a batch id still deduplicates.
 _STEPS = (
@@ -23,14 +24,14 @@ _STEPS = (
 )
 
 
-class RetentionActivities:
+class RetentionActivities(RetentionContract):
     """Purges what BILLING_RETENTION no longer keeps."""
 
     def __init__(self, settings: Settings, pool: AsyncConnectionPool) -> None:
         self.settings = settings
         self.pool = pool
 
-    @activity.defn(name="purge_expired")
+    @activity.defn
     async def purge_expired(self, request: PurgeInput) -> PurgeResult:
         """Run bounded DELETEs (one transaction each) until nothing expired is left or the pass's
         ``max_chunks`` are used; ``more`` says whether another pass is needed."""

@@ -45,6 +45,7 @@ from temporalio.exceptions import ApplicationError
 from billing.core.clock import utcnow
 from billing.db.sql import query
 from billing.domain.hours import parse_hour
+from billing.models.contracts import StripeReportContract
 from billing.models.stripe_report import (
     QueueStorageOverageInput,
     QueueStorageOverageResult,
@@ -172,7 +173,7 @@ class _Outcome:
     retry: stripe.StripeError | None
 
 
-class StripeReportActivities:
+class StripeReportActivities(StripeReportContract):
     """Outbox drain and storage overage; ``stripe`` is None when STRIPE_API_KEY is not set."""
 
     def __init__(
@@ -192,7 +193,7 @@ class StripeReportActivities:
         self.horizon = horizon  # BILLING_REPORT_HORIZON
         self.grace = grace  # BILLING_STRIPE_FINALIZATION_GRACE
 
-    @activity.defn(name="send_stripe_reports")
+    @activity.defn
     async def send_stripe_reports(self, request: SendReportsInput) -> SendReportsResult:
         """Claim a short page of the org's oldest rows, call Stripe for each, record each outcome (see the
         module docstring). Raises a retryable error when Stripe must be retried later."""
@@ -402,7 +403,7 @@ class StripeReportActivities:
         late = "sent late: stamped at send time" if row["sent_late"] else None
         return "sent", late, event.to_dict()
 
-    @activity.defn(name="queue_storage_overage")
+    @activity.defn
     async def queue_storage_overage(self, request: QueueStorageOverageInput) -> QueueStorageOverageResult:
         """Queue every missed storage hour up to ``request.hour`` per paid org over its storage limit, in
         one statement (see sql/queries/queue_storage_overage.sql)."""
@@ -416,7 +417,7 @@ class StripeReportActivities:
             queued = cursor.rowcount
         return QueueStorageOverageResult(hour=request.hour, queued=max(queued, 0))
 
-    @activity.defn(name="start_pending_stripe_reports")
+    @activity.defn
     async def start_pending_stripe_reports(self, request: StartPendingReportsInput) -> StartReportsResult:
         """Start the reports of one page of orgs with pending rows (the backlog trigger of the hourly job).
 

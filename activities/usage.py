@@ -20,6 +20,7 @@ from billing.core.config import Settings
 from billing.core.errors import ConfigError
 from billing.db.sql import query
 from billing.domain.months import parse_month
+from billing.models.contracts import UsageContract
 from billing.models.usage_sync import (
     MAX_LISTED_SKIPS,
     AdvanceWatermarkInput,
@@ -63,7 +64,7 @@ def _month_of(month: str) -> date:
         raise input_error(str(exc)) from None
 
 
-class UsageActivities:
+class UsageActivities(UsageContract):
     """The side effects of ``usage-sync/{batch}`` and of pull mode."""
 
     def __init__(
@@ -88,7 +89,7 @@ class UsageActivities:
             return outcome.started, f"{outcome.workflow_id} did not complete: {cause}"
         return outcome.started, None
 
-    @activity.defn(name="ensure_batch_resets")
+    @activity.defn
     async def ensure_batch_resets(self, request: EnsureResetsInput) -> EnsureResetsResult:
         """Make sure each (org, month) the batch needs is opened by its monthly reset.
 
@@ -150,7 +151,7 @@ class UsageActivities:
                 )
         return EnsureResetsResult(resets_needed=len(tasks), resets_started=started, orgs_skipped=len(skips))
 
-    @activity.defn(name="apply_usage_batch")
+    @activity.defn
     async def apply_usage_batch(self, request: ApplyBatchInput) -> ApplyBatchResult:
         """Apply the staged batch in one transaction (``apply_usage_batch`` in sql/0004)."""
         params = {"batch_id": request.batch_id}
@@ -190,7 +191,7 @@ class UsageActivities:
         except Exception as exc:
             activity.logger.warning("notifications %s left to the dispatch schedule: %s", ids, exc)
 
-    @activity.defn(name="stage_pull_batch")
+    @activity.defn
     async def stage_pull_batch(self, request: PullStageInput) -> PullStageResult:
         """Copy the source rows changed since the watermark into a staged batch, in one transaction.
 
@@ -245,7 +246,7 @@ class UsageActivities:
             window_to=window_to,
         )
 
-    @activity.defn(name="pull_batches_ready")
+    @activity.defn
     async def pull_batches_ready(self, request: ReadyBatchesInput) -> ReadyBatchesResult:
         """Held-back pull batches whose orgs' months have been opened since (see pull_batches_ready.sql)."""
         async with self.pool.connection() as conn:
@@ -256,7 +257,7 @@ class UsageActivities:
             ).fetchall()
         return ReadyBatchesResult(batch_ids=[row["batch_id"] for row in rows])
 
-    @activity.defn(name="advance_pull_watermark")
+    @activity.defn
     async def advance_pull_watermark(self, request: AdvanceWatermarkInput) -> AdvanceWatermarkResult:
         """Move the pull watermark forward (an older value than the stored one changes nothing)."""
         async with self.pool.connection() as conn:

@@ -167,7 +167,7 @@ async def _deliver(request: Request, event: BillingEvent) -> JSONResponse:
 
     try:
         await signal_org_billing(
-            state.client, state.settings.task_queue, org_id, "stripe_event", event, rpc_timeout=SIGNAL_TIMEOUT
+            state.client, state.settings.task_queue, org_id, event, rpc_timeout=SIGNAL_TIMEOUT
         )
     except (RPCError, TimeoutError) as exc:
         raise _Transient(f"Temporal: {exc}") from exc

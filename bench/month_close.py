@@ -34,6 +34,7 @@ from billing.db.sql import query
 from billing.domain.months import month_key, parse_month, previous_month
 from billing.models import MonthlyCloseInput
 from billing.testing.scratch import scratch_database, temporal_dev_server
+from workflows.monthly_close import MonthlyCloseWorkflow
 
 
 def seed(url: str, orgs: int, month: str) -> None:
@@ -87,7 +88,7 @@ async def close_month(url: str, client: Client, queue: str, month: str, count: i
     """Seconds from the ``monthly-close`` start until every org's reset completed."""
     started = time.perf_counter()
     await client.execute_workflow(
-        "MonthlyCloseWorkflow",
+        MonthlyCloseWorkflow.run,
         MonthlyCloseInput(month=month),
         id=f"monthly-close/bench-{month}",
         task_queue=queue,

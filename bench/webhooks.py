@@ -142,7 +142,7 @@ async def run(deliveries: int, orgs: int, concurrency: int) -> None:
                         event = seen[i]
                         assert event is not None and event.organization_id is not None
                         await signal_org_billing(
-                            env.client, settings.task_queue, event.organization_id, "stripe_event", event
+                            env.client, settings.task_queue, event.organization_id, event
                         )
                         raw_latencies.append(time.perf_counter() - started)
 

@@ -38,6 +38,10 @@ from tests.conftest import running_worker
 from tests.factories import make_org
 from tests.report_support import stripe_settings
 from tests.webhook_support import T0, customer_of, harness, paid_org, subscription_of
+from workflows.monthly_close import MonthlyCloseWorkflow
+from workflows.org_billing import OrgBillingWorkflow
+from workflows.stripe_report import StorageOverageWorkflow
+from workflows.usage_sync import PullUsageSyncWorkflow
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
 
@@ -223,7 +227,7 @@ async def _record_sweeps_and_failure_paths(
         histories["monthly_reset_retried"] = await retried.fetch_history()
 
         close = await client.start_workflow(
-            "MonthlyCloseWorkflow",
+            MonthlyCloseWorkflow.run,
             MonthlyCloseInput(month=this_month),
             id=f"monthly-close-recorded-{this_month}",
             task_queue=settings.task_queue,
@@ -239,7 +243,7 @@ async def _record_sweeps_and_failure_paths(
                 [reset_org.id, parse_month(this_month), 52 * 1024**3],
             )
         storage = await client.start_workflow(
-            "StorageOverageWorkflow",
+            StorageOverageWorkflow.run,
             StorageOverageInput(hour=hour_key(hour)),
             id=f"storage-overage-recorded-{hour_key(hour)}",
             task_queue=settings.task_queue,
@@ -256,7 +260,7 @@ async def _record_sweeps_and_failure_paths(
                 [other_org.project_ids[0], today, now],
             )
         pull = await client.start_workflow(
-            "PullUsageSyncWorkflow",
+            PullUsageSyncWorkflow.run,
             PullSyncInput(),
             id=f"usage-sync/pull-recorded-{uuid.uuid4()}",
             task_queue=settings.task_queue,
@@ -286,7 +290,7 @@ async def _record_continue_as_new(
     ]
     async with harness(url, pool, client) as h:
         handle = await client.start_workflow(
-            "OrgBillingWorkflow",
+            OrgBillingWorkflow.run,
             OrgBillingInput(org_id=org.id, max_events_per_run=3),
             id=org_billing_id(org.id),
             task_queue=h.settings.task_queue,

@@ -21,6 +21,7 @@ from billing.testing.scratch import scratch_database, temporal_dev_server
 from tests.conftest import make_settings, running_worker
 from tests.factories import make_org
 from tests.notify_receiver import Receiver
+from workflows.notify import NotificationDispatchWorkflow, NotifyWorkflow
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
 SECRET = "whsec_" + base64.b64encode(b"notify-secret-of-the-histories").decode()
@@ -55,7 +56,7 @@ async def record() -> list[Path]:
                     )
                     async with running_worker(settings, pool, env.client):
                         delivered = await env.client.start_workflow(
-                            "NotifyWorkflow",
+                            NotifyWorkflow.run,
                             NotifyInput(notification_id=first, first_retry_seconds=0.2),
                             id=f"notify/{first}",
                             task_queue=settings.task_queue,
@@ -64,7 +65,7 @@ async def record() -> list[Path]:
                         await delivered.result()
                         receiver.refuse_first = 1_000
                         given_up = await env.client.start_workflow(
-                            "NotifyWorkflow",
+                            NotifyWorkflow.run,
                             NotifyInput(
                                 notification_id=second, first_retry_seconds=0.2, give_up_after_hours=2 / 3600
                             ),
@@ -74,7 +75,7 @@ async def record() -> list[Path]:
                         )
                         await given_up.result()
                         dispatch = await env.client.start_workflow(
-                            "NotificationDispatchWorkflow",
+                            NotificationDispatchWorkflow.run,
                             DispatchInput(),
                             id=f"notifications-dispatch-{uuid.uuid4().hex[:8]}",
                             task_queue=settings.task_queue,

@@ -12,6 +12,7 @@ from billing.domain.ids import monthly_reset_id
 from billing.models import MonthlyCloseInput, MonthlyCloseResult, MonthlyResetResult
 from tests.conftest import make_settings, running_worker
 from tests.factories import fetch_value, make_org
+from workflows.monthly_close import MonthlyCloseWorkflow
 
 MAY = date(2024, 5, 1)  # a past month no other test writes (a month that has not begun is refused)
 
@@ -31,7 +32,7 @@ async def test_monthly_close_starts_one_reset_per_org_with_usage_and_a_rerun_sta
 
     async with running_worker(settings, pool, client):
         first = await client.execute_workflow(
-            "MonthlyCloseWorkflow",
+            MonthlyCloseWorkflow.run,
             MonthlyCloseInput(month="2024-06"),
             id=f"monthly-close-test-{uuid.uuid4()}",
             task_queue=settings.task_queue,
@@ -43,7 +44,7 @@ async def test_monthly_close_starts_one_reset_per_org_with_usage_and_a_rerun_sta
             ).result()
             assert reset.claimed and reset.closed_month == "2024-05" and reset.tags_closed == 1
         second = await client.execute_workflow(
-            "MonthlyCloseWorkflow",
+            MonthlyCloseWorkflow.run,
             MonthlyCloseInput(month="2024-06"),
             id=f"monthly-close-test-{uuid.uuid4()}",
             task_queue=settings.task_queue,

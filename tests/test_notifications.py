@@ -30,6 +30,7 @@ from tests.conftest import API_TOKEN, make_settings, running_worker
 from tests.factories import make_org
 from tests.notify_receiver import Receiver
 from tests.usage_support import day_start, push, row, utc_now
+from workflows.notify import NotifyWorkflow
 
 SECRET = "whsec_" + base64.b64encode(b"notify-secret-of-the-tests-0123").decode()
 TAG = "task.created"  # free includes 1,000; team 250,000
@@ -295,7 +296,7 @@ async def test_a_receiver_that_never_accepts_is_given_up_on_and_recorded_failed(
         )
         async with running_worker(settings, pool, client):
             result = await client.execute_workflow(
-                "NotifyWorkflow",
+                NotifyWorkflow.run,
                 NotifyInput(
                     notification_id=note["id"], first_retry_seconds=0.2, give_up_after_hours=3 / 3600
                 ),

@@ -25,6 +25,7 @@ from billing.testing.stripe_server import FakeStripe
 from tests.api_client import AUTH
 from tests.factories import Org, make_org
 from tests.webhook_support import T0, Harness, add_usage, customer_of, harness, paid_org, subscription_of
+from workflows.org_billing import OrgBillingWorkflow
 
 WRITE = {"path": "/api/v1/session/s1/messages", "method": "POST"}
 TAGS = 5  # meters seeded by the migrations
@@ -209,7 +210,7 @@ async def test_operator_updates_amid_continue_as_new_are_all_answered_and_enforc
     org = await paid_org(pool, plan="pro", projects=2)
     async with harness(database_url, pool, client) as h:
         handle = await client.start_workflow(
-            "OrgBillingWorkflow",
+            OrgBillingWorkflow.run,
             OrgBillingInput(org_id=org.id, max_events_per_run=2),
             id=org_billing_id(org.id),
             task_queue=h.settings.task_queue,

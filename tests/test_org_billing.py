@@ -22,6 +22,7 @@ from billing.testing.stripe_server import FakeStripe
 from tests.conftest import VENV_BIN
 from tests.factories import Org
 from tests.webhook_support import T0, Harness, customer_of, harness, paid_org, subscription_of
+from workflows.org_billing import OrgBillingWorkflow
 
 TAGS = (
     "search.experience.agentic",
@@ -179,7 +180,7 @@ async def test_continue_as_new_keeps_the_state_and_every_queued_signal(
     org = await paid_org(pool)
     async with harness(database_url, pool, client) as h:
         handle = await client.start_workflow(
-            "OrgBillingWorkflow",
+            OrgBillingWorkflow.run,
             OrgBillingInput(org_id=org.id, max_events_per_run=3),
             id=org_billing_id(org.id),
             task_queue=h.settings.task_queue,

@@ -30,6 +30,7 @@ from billing.testing.scratch import VENV_BIN, fresh_database
 from tests.conftest import API_TOKEN, make_settings, running_worker
 from tests.factories import fetch_value, make_org
 from tests.usage_support import day_start, row, usage_snapshot
+from workflows.retention import RetentionWorkflow
 
 RETENTION = timedelta(days=35).total_seconds()
 
@@ -164,16 +165,15 @@ async def test_a_pass_stops_after_its_chunks_and_says_more(stack: Stack) -> None
 
 async def test_retention_workflow_of_the_daily_schedule_purges(stack: Stack, client: Client) -> None:
     job = next(job for job in scheduled_jobs() if job.schedule_id == "retention-daily")
-    assert (job.workflow, job.cron) == ("RetentionWorkflow", "40 3 * * *")
+    assert (job.workflow, job.cron) == (RetentionWorkflow.run, "40 3 * * *")
     for days in (36, 50):
         await _add_event(stack.pool, "applied", days)
     kept = await _add_event(stack.pool, "applied", 1)
     result = await client.execute_workflow(
-        "RetentionWorkflow",
+        RetentionWorkflow.run,
         RetentionInput(chunk=1),
         id=f"retention-test-{uuid.uuid4().hex[:8]}",
         task_queue=stack.settings.task_queue,
-        result_type=PurgeResult,
     )
     assert result == PurgeResult(webhook_events=2)
     assert await fetch_value(stack.pool, "SELECT array_agg(event_id) FROM stripe_webhook_events") == [kept]

@@ -30,6 +30,7 @@ from tests.report_support import (
     stripe_settings,
     this_hour,
 )
+from workflows.stripe_report import StorageOverageWorkflow
 
 
 async def _waiting_metrics(settings, pool: AsyncConnectionPool, client: Client) -> tuple[float, float]:
@@ -300,7 +301,7 @@ async def test_without_a_key_rows_stay_pending_then_the_hourly_job_sends_them_on
         async with running_worker(keyless, pool, client):
             result = await report(client, keyless, org.id, hour=hour)
             sweep = await client.execute_workflow(
-                "StorageOverageWorkflow",
+                StorageOverageWorkflow.run,
                 StorageOverageInput(hour=f"{hour:%Y-%m-%dT%H}", tuning=FAST),
                 id=f"storage-overage-test-{org.id}-keyless",
                 task_queue=keyless.task_queue,
@@ -324,7 +325,7 @@ async def test_without_a_key_rows_stay_pending_then_the_hourly_job_sends_them_on
         keyed = stripe_settings(database_url, client, fake)
         async with running_worker(keyed, pool, client):
             sweep = await client.execute_workflow(
-                "StorageOverageWorkflow",
+                StorageOverageWorkflow.run,
                 StorageOverageInput(hour=f"{hour:%Y-%m-%dT%H}", tuning=FAST),
                 id=f"storage-overage-test-{org.id}-keyed",
                 task_queue=keyed.task_queue,

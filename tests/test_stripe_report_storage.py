@@ -16,6 +16,7 @@ from billing.testing.stripe_server import FakeStripe
 from tests.conftest import running_worker
 from tests.factories import make_org
 from tests.report_support import FAST, counted_identifiers, outbox, stripe_settings, this_hour
+from workflows.stripe_report import StorageOverageWorkflow
 
 GIB = 1024**3
 PRO_INCLUDED = 50 * GIB
@@ -55,7 +56,7 @@ async def test_storage_overage_queued_twice_in_one_hour_is_one_event_per_paid_or
             for run in range(2):
                 results.append(
                     await client.execute_workflow(
-                        "StorageOverageWorkflow",
+                        StorageOverageWorkflow.run,
                         StorageOverageInput(hour=key, tuning=FAST),
                         id=f"storage-overage-test-{over.id}-{run}",
                         task_queue=settings.task_queue,
@@ -112,7 +113,7 @@ async def test_an_hour_in_the_future_is_refused(
         async with running_worker(settings, pool, client):
             with pytest.raises(WorkflowFailureError) as failure:
                 await client.execute_workflow(
-                    "StorageOverageWorkflow",
+                    StorageOverageWorkflow.run,
                     StorageOverageInput(hour="2999-01-01T00", tuning=FAST),
                     id=f"storage-overage-test-future-{settings.task_queue}",
                     task_queue=settings.task_queue,

@@ -34,6 +34,7 @@ from billing.orchestration.temporal import scheduled_jobs
 from billing.testing.scratch import VENV_BIN, fresh_database
 from tests.conftest import make_settings
 from worker import build_worker
+from workflows.notify import NotificationDispatchWorkflow
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
 _PROMQL_WORDS = {
@@ -130,7 +131,7 @@ async def test_a_worker_serves_its_metrics_with_the_temporal_sdks(
     settings = make_settings(database_url, client)
     async with build_worker(settings, pool, own):
         result = await own.execute_workflow(
-            "NotificationDispatchWorkflow",
+            NotificationDispatchWorkflow.run,
             DispatchInput(ids=[]),
             id=f"notifications-dispatch-test-{uuid.uuid4().hex[:8]}",
             task_queue=settings.task_queue,

@@ -42,6 +42,7 @@ from tests.usage_support import (
     usage_snapshot,
     utc_now,
 )
+from workflows.monthly_reset import MonthlyResetWorkflow
 
 __all__ = ["http"]
 
@@ -180,7 +181,7 @@ async def test_a_reset_workflow_for_a_month_not_begun_fails_at_once_without_retr
     org = await make_org(pool)
     # Started past the client-side check, as a buggy caller could: the activity's input is refused.
     handle = await client.start_workflow(
-        "MonthlyResetWorkflow",
+        MonthlyResetWorkflow.run,
         MonthlyResetInput(org_id=org.id, month="2099-01"),
         id=f"monthly-reset-test-{uuid.uuid4()}",
         task_queue=settings.task_queue,

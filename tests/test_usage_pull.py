@@ -25,6 +25,7 @@ from billing.orchestration.temporal import start_monthly_reset
 from tests.conftest import fresh_database, make_settings, running_worker
 from tests.factories import make_org
 from tests.usage_support import day_start, month_start, org_usage, utc_now
+from workflows.usage_sync import PullUsageSyncWorkflow
 
 CORE_SCHEMA = """
 CREATE TABLE metrics (
@@ -54,7 +55,7 @@ def core_write(url: str, statement: str, params: list[object]) -> None:
 
 async def run_pull(client: Client, task_queue: str) -> PullSyncResult:
     return await client.execute_workflow(
-        "PullUsageSyncWorkflow",
+        PullUsageSyncWorkflow.run,
         PullSyncInput(),
         id=f"usage-sync/pull-test-{uuid.uuid4()}",
         task_queue=task_queue,
@@ -157,7 +158,7 @@ async def test_one_held_back_org_never_freezes_the_watermark_and_a_later_pull_ap
     async with running_worker(settings, pool, client):
         try:
             first = await client.execute_workflow(
-                "PullUsageSyncWorkflow",
+                PullUsageSyncWorkflow.run,
                 pull,
                 id=f"usage-sync/pull-test-{uuid.uuid4()}",
                 task_queue=settings.task_queue,
@@ -177,7 +178,7 @@ async def test_one_held_back_org_never_freezes_the_watermark_and_a_later_pull_ap
         assert rerun.rerun
         await client.get_workflow_handle(reset_id).result()
         second = await client.execute_workflow(
-            "PullUsageSyncWorkflow",
+            PullUsageSyncWorkflow.run,
             pull,
             id=f"usage-sync/pull-test-{uuid.uuid4()}",
             task_queue=settings.task_queue,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 
+ArgT = TypeVar("ArgT")
 ResultT = TypeVar("ResultT")
+# An activity as declared in billing.models.contracts (a method: self, then its one argument).
+ActivityMethod = Callable[[Any, ArgT], Awaitable[ResultT]]
 
 # Database activities are transactions: retrying one is always safe, so retry until it works and
 # let operators see the failing attempts in the UI rather than fail the workflow half-way.
@@ -20,14 +24,14 @@ DB_RETRY = RetryPolicy(
 DB_TIMEOUT = timedelta(minutes=2)
 
 
-async def run_db_activity(name: str, arg: object, result_type: type[ResultT]) -> ResultT:
-    """Run a database activity (one transaction) by name with the shared timeout and retry policy."""
-    return await workflow.execute_activity(
-        name, arg, result_type=result_type, start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY
+async def run_db_activity(activity: ActivityMethod[ArgT, ResultT], arg: ArgT) -> ResultT:
+    """Run a database activity (one transaction) with the shared timeout and retry policy."""
+    return await workflow.execute_activity_method(
+        activity, arg, start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY
     )
 
 
-async def run_db_activity_local_first(name: str, arg: object, result_type: type[ResultT]) -> ResultT:
+async def run_db_activity_local_first(activity: ActivityMethod[ArgT, ResultT], arg: ArgT) -> ResultT:
     """A short database activity tried once as a local activity, else as ``run_db_activity``.
 
     The local try runs in the worker that holds the workflow task, with no activity task of its own:
@@ -37,13 +41,12 @@ async def run_db_activity_local_first(name: str, arg: object, result_type: type[
     idempotent transaction, so running it again after a failed try is safe.
     """
     try:
-        return await workflow.execute_local_activity(
-            name,
+        return await workflow.execute_local_activity_method(
+            activity,
             arg,
-            result_type=result_type,
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=RetryPolicy(maximum_attempts=1),
         )
     except (ActivityError, ApplicationError, TemporalTimeoutError):
         # A failed local activity may surface as its cause (ApplicationError) rather than wrapped.
-        return await run_db_activity(name, arg, result_type)
+        return await run_db_activity(activity, arg)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from temporalio import workflow
 
 from billing.domain.months import month_key
-from billing.models import MonthlyCloseInput, MonthlyCloseResult, StartResetsInput, StartResetsResult
+from billing.models import MonthlyCloseInput, MonthlyCloseResult, StartResetsInput
+from billing.models.contracts import ResetContract
 from workflows.common import run_db_activity
 
 # Pages per run before continuing as new: keeps the history small for any number of orgs.
@@ -23,8 +24,8 @@ class MonthlyCloseWorkflow:
         started, already = request.started, request.already_started
         for _ in range(_PAGES_PER_RUN):
             workflow.set_current_details(f"Starting resets for {month}: {started} started, {already} existed")
-            page: StartResetsResult = await run_db_activity(
-                "start_monthly_resets", StartResetsInput(month=month, after_org_id=cursor), StartResetsResult
+            page = await run_db_activity(
+                ResetContract.start_monthly_resets, StartResetsInput(month=month, after_org_id=cursor)
             )
             started += page.started
             already += page.already_started

@@ -6,6 +6,7 @@ from temporalio import workflow
 
 from billing.domain.months import previous_month
 from billing.models import MonthlyResetInput, MonthlyResetResult
+from billing.models.contracts import ResetContract
 from workflows.common import run_db_activity, run_db_activity_local_first
 
 
@@ -27,7 +28,7 @@ class MonthlyResetWorkflow:
         # the regular activity they ran.
         local_first = workflow.patched("close-month-local-first")
         run = run_db_activity_local_first if local_first else run_db_activity
-        result: MonthlyResetResult = await run("close_org_month", request, MonthlyResetResult)
+        result = await run(ResetContract.close_org_month, request)
         if result.claimed:
             workflow.set_current_details(
                 f"Closed {closing}: {result.tags_closed} meters recorded, {result.flags} quota flags now"

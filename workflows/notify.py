@@ -13,6 +13,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
+from billing.models.contracts import NotificationContract
 from billing.models.notify import (
     DeliveryResult,
     DispatchInput,
@@ -36,10 +37,9 @@ class NotifyWorkflow:
     async def run(self, request: NotifyInput) -> DeliveryResult:
         workflow.set_current_details(f"Delivering notification {request.notification_id}")
         try:
-            result: DeliveryResult = await workflow.execute_activity(
-                "deliver_notification",
+            result = await workflow.execute_activity_method(
+                NotificationContract.deliver_notification,
                 request,
-                result_type=DeliveryResult,
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=timedelta(hours=request.give_up_after_hours),
                 retry_policy=RetryPolicy(
@@ -53,9 +53,8 @@ class NotifyWorkflow:
             reason = str(exc.cause) if exc.cause is not None else str(exc)
             workflow.set_current_details(f"Gave up on notification {request.notification_id}: {reason}")
             return await run_db_activity(
-                "mark_notification_failed",
+                NotificationContract.mark_notification_failed,
                 NotificationFailedInput(notification_id=request.notification_id, error=reason[:500]),
-                DeliveryResult,
             )
         workflow.set_current_details(f"Notification {request.notification_id}: {result.outcome}")
         return result
@@ -68,7 +67,7 @@ class NotificationDispatchWorkflow:
     @workflow.run
     async def run(self, request: DispatchInput) -> DispatchResult:
         workflow.set_current_details("Starting delivery of recorded notifications")
-        result: DispatchResult = await run_db_activity("dispatch_notifications", request, DispatchResult)
+        result = await run_db_activity(NotificationContract.dispatch_notifications, request)
         workflow.set_current_details(
             f"{result.started} delivery workflows started, {result.not_configured} not configured"
         )

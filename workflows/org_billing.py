@@ -56,14 +56,13 @@ from billing.domain.payment_state import (
     record_stripe_refusal,
 )
 from billing.domain.stripe_events import BillingEvent
+from billing.models.contracts import PaymentContract
 from billing.models.org_billing import (
     BILLING_COLUMNS,
     FailedInvoice,
     MarkWebhookEventsInput,
-    MarkWebhookEventsResult,
     OperatorRequest,
     OrgBillingInput,
-    OrgBillingRow,
     OrgBillingView,
     OrgRef,
     QueuedSignal,
@@ -74,9 +73,8 @@ from billing.models.org_billing import (
     StripeCallResult,
     SubscriptionChange,
     SyncOrgBillingInput,
-    SyncOrgBillingResult,
 )
-from workflows.common import run_db_activity
+from workflows.common import ActivityMethod, ArgT, ResultT, run_db_activity
 
 # Stripe calls: 429/5xx/timeouts are retried with backoff for up to an hour; after that the call is
 # recorded like a refusal, so a long Stripe outage delays this org's later events by at most an hour.
@@ -139,27 +137,27 @@ class OrgBillingWorkflow:
 
     # ---------------------------------------------------------------- signals and query
 
-    @workflow.signal(name="stripe_event")
+    @workflow.signal
     def stripe_event(self, event: BillingEvent) -> None:
         """A verified Stripe event for this org, from the webhook receiver."""
         self._queue.append(QueuedSignal(kind="stripe_event", event=event))
 
-    @workflow.signal(name="operator_block")
+    @workflow.signal
     def operator_block(self, request: OperatorRequest) -> None:
         """`billing block`: block the org until an operator unblocks it."""
         self._queue.append(QueuedSignal(kind="operator_block", operator=request))
 
-    @workflow.signal(name="operator_unblock")
+    @workflow.signal
     def operator_unblock(self, request: OperatorRequest) -> None:
         """`billing unblock`: lift the operator block and every open metered failure."""
         self._queue.append(QueuedSignal(kind="operator_unblock", operator=request))
 
-    @workflow.update(name="block")
+    @workflow.update
     async def block(self, request: OperatorRequest) -> OrgBillingView:
         """`billing block`: returns once the org is blocked in PostgreSQL (row and every flag)."""
         return await self._operator_update("operator_block", request)
 
-    @workflow.update(name="unblock")
+    @workflow.update
     async def unblock(self, request: OperatorRequest) -> OrgBillingView:
         """`billing unblock`: returns once the status is written and the flags are recomputed."""
         return await self._operator_update("operator_unblock", request)
@@ -178,7 +176,7 @@ class OrgBillingWorkflow:
             self._awaited.discard(request_id)
         return self.state()
 
-    @workflow.query(name="state")
+    @workflow.query
     def state(self) -> OrgBillingView:
         """The state machine's view of the org, for `billing status` and GET /v1/orgs/{id}."""
         s = self._state
@@ -277,9 +275,7 @@ class OrgBillingWorkflow:
         as an operator block, lifted by `billing unblock`; a `past_due` one cannot be tied to an invoice
         and is left to the next plan invoice's events.
         """
-        row: OrgBillingRow = await run_db_activity(
-            "load_org_billing", OrgRef(org_id=self._org_id), OrgBillingRow
-        )
+        row = await run_db_activity(PaymentContract.load_org_billing, OrgRef(org_id=self._org_id))
         self._written = {column: getattr(row, column) for column in BILLING_COLUMNS} if row.found else {}
         self._written_customer = row.stripe_customer_id
         if not row.found:
@@ -365,9 +361,7 @@ class OrgBillingWorkflow:
                 ),
             )
             try:
-                result: StripeCallResult = await self._stripe_activity(
-                    "change_stripe_subscription", change, StripeCallResult
-                )
+                result = await _stripe_activity(PaymentContract.change_stripe_subscription, change)
             except ActivityError as exc:
                 result = StripeCallResult(done=False, message=f"gave up after retrying: {_cause(exc)}")
             if result.done:
@@ -375,8 +369,8 @@ class OrgBillingWorkflow:
             return record_stripe_refusal(self._state, effect, result.message, int(workflow.now().timestamp()))
         if isinstance(effect, ResolvePlan) and event is not None:
             try:
-                plan_result: ResolvePlanResult = await self._stripe_activity(
-                    "resolve_plan", ResolvePlanInput(product_id=effect.product_id), ResolvePlanResult
+                plan_result = await _stripe_activity(
+                    PaymentContract.resolve_plan, ResolvePlanInput(product_id=effect.product_id)
                 )
             except ActivityError as exc:
                 plan_result = ResolvePlanResult(plan=None, warnings=[f"gave up: {_cause(exc)}"])
@@ -385,10 +379,8 @@ class OrgBillingWorkflow:
             return apply_resolved_plan(self._state, event, plan_result.plan)
         if isinstance(effect, ResolveInvoiceKind) and event is not None:
             try:
-                kind_result: ResolveInvoiceKindResult = await self._stripe_activity(
-                    "resolve_invoice_kind",
-                    ResolveInvoiceKindInput(price_ids=effect.price_ids),
-                    ResolveInvoiceKindResult,
+                kind_result = await _stripe_activity(
+                    PaymentContract.resolve_invoice_kind, ResolveInvoiceKindInput(price_ids=effect.price_ids)
                 )
             except ActivityError as exc:
                 kind_result = ResolveInvoiceKindResult(kind="plan", note=f"gave up: {_cause(exc)}")
@@ -398,16 +390,6 @@ class OrgBillingWorkflow:
                 )
             return apply_resolved_invoice_kind(self._state, event, kind_result.kind)
         return None  # SyncBilling and RecomputeQuota: written together by _flush_billing.
-
-    async def _stripe_activity(self, name: str, arg: object, result_type: type) -> object:
-        return await workflow.execute_activity(
-            name,
-            arg,
-            result_type=result_type,
-            start_to_close_timeout=STRIPE_TIMEOUT,
-            schedule_to_close_timeout=STRIPE_GIVE_UP,
-            retry_policy=STRIPE_RETRY,
-        )
 
     def _enforcement_changed(self) -> bool:
         """Whether the plan or payment status (what the flags follow) differs from what is written."""
@@ -442,7 +424,7 @@ class OrgBillingWorkflow:
         if not columns and not recompute and customer is None:
             return
         await run_db_activity(
-            "sync_org_billing",
+            PaymentContract.sync_org_billing,
             SyncOrgBillingInput(
                 org_id=self._org_id,
                 plan=s.plan,
@@ -456,7 +438,6 @@ class OrgBillingWorkflow:
                 month=month_key(workflow.now()),
                 stripe_customer_id=customer,
             ),
-            SyncOrgBillingResult,
         )
         self._written = view
         self._written_customer = s.stripe_customer_id
@@ -468,9 +449,8 @@ class OrgBillingWorkflow:
             return
         outcomes, self._unmarked = self._unmarked, {}
         await run_db_activity(
-            "mark_webhook_events",
+            PaymentContract.mark_webhook_events,
             MarkWebhookEventsInput(org_id=self._org_id, outcomes=outcomes),
-            MarkWebhookEventsResult,
         )
 
     # ---------------------------------------------------------------- visibility
@@ -493,6 +473,17 @@ class OrgBillingWorkflow:
         workflow.set_current_details(
             f"{s.payment_status}{why}; plan {s.plan}; {self._events_applied} events applied{last}"
         )
+
+
+async def _stripe_activity(activity: ActivityMethod[ArgT, ResultT], arg: ArgT) -> ResultT:
+    """A Stripe call: retried with backoff on 429/5xx/timeouts, given up on after STRIPE_GIVE_UP."""
+    return await workflow.execute_activity_method(
+        activity,
+        arg,
+        start_to_close_timeout=STRIPE_TIMEOUT,
+        schedule_to_close_timeout=STRIPE_GIVE_UP,
+        retry_policy=STRIPE_RETRY,
+    )
 
 
 def _cause(exc: ActivityError) -> str:

@@ -7,6 +7,7 @@ from datetime import timedelta
 from temporalio import workflow
 
 from billing.models import PurgeInput, PurgeResult, RetentionInput
+from billing.models.contracts import RetentionContract
 from workflows.common import DB_RETRY
 
 # Purge passes per run before continuing as new: keeps the history small however much is purged.
@@ -25,10 +26,9 @@ class RetentionWorkflow:
                 f"Purging: {totals.batches} batches, {totals.batch_rows} rows, "
                 f"{totals.webhook_events} webhook events so far"
             )
-            result: PurgeResult = await workflow.execute_activity(
-                "purge_expired",
+            result = await workflow.execute_activity_method(
+                RetentionContract.purge_expired,
                 PurgeInput(chunk=request.chunk),
-                result_type=PurgeResult,
                 start_to_close_timeout=timedelta(minutes=10),
                 heartbeat_timeout=timedelta(minutes=2),
                 retry_policy=DB_RETRY,

@@ -11,14 +11,12 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 
 from billing.domain.hours import hour_key
+from billing.models.contracts import StripeReportContract
 from billing.models.stripe_report import (
     QueueStorageOverageInput,
-    QueueStorageOverageResult,
     ReportTuning,
     SendReportsInput,
-    SendReportsResult,
     StartPendingReportsInput,
-    StartReportsResult,
     StorageOverageInput,
     StorageOverageResult,
     StripeReportInput,
@@ -52,7 +50,7 @@ class StripeReportWorkflow:
     def __init__(self) -> None:
         self._rows_queued = False
 
-    @workflow.signal(name="rows_queued")
+    @workflow.signal
     def rows_queued(self) -> None:
         """A starter queued more rows while this run was going: drain again before completing."""
         self._rows_queued = True
@@ -68,14 +66,13 @@ class StripeReportWorkflow:
         last_failure: str | None = None
         for _ in range(_PAGES_PER_RUN):
             self._rows_queued = False
-            page: SendReportsResult = await workflow.execute_activity(
-                "send_stripe_reports",
+            page = await workflow.execute_activity_method(
+                StripeReportContract.send_stripe_reports,
                 SendReportsInput(
                     org_id=request.org_id,
                     page_size=request.tuning.page_size,
                     lease_seconds=request.tuning.lease_seconds,
                 ),
-                result_type=SendReportsResult,
                 start_to_close_timeout=_PAGE_TIMEOUT,
                 heartbeat_timeout=timedelta(seconds=request.tuning.heartbeat_timeout_seconds),
                 retry_policy=_send_retry(request.tuning),
@@ -144,17 +141,16 @@ class StorageOverageWorkflow:
         scheduled = workflow.info().typed_search_attributes.get(_SCHEDULED_START)
         hour = request.hour or hour_key(scheduled or workflow.now())
         workflow.set_current_details(f"Queueing storage overage of {hour}")
-        queued: QueueStorageOverageResult = await run_db_activity(
-            "queue_storage_overage", QueueStorageOverageInput(hour=hour), QueueStorageOverageResult
+        queued = await run_db_activity(
+            StripeReportContract.queue_storage_overage, QueueStorageOverageInput(hour=hour)
         )
         started = already = 0
         configured = True
         cursor: str | None = None
         for _ in range(_START_PAGES_PER_RUN):
-            page: StartReportsResult = await run_db_activity(
-                "start_pending_stripe_reports",
+            page = await run_db_activity(
+                StripeReportContract.start_pending_stripe_reports,
                 StartPendingReportsInput(hour=hour, after_org_id=cursor, tuning=request.tuning),
-                StartReportsResult,
             )
             started += page.started
             already += page.already_running

@@ -11,21 +11,17 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 from billing.domain.hours import hour_key
-from billing.models.stripe_report import StartPendingReportsInput, StartReportsResult
+from billing.models.contracts import StripeReportContract, UsageContract
+from billing.models.stripe_report import StartPendingReportsInput
 from billing.models.usage_sync import (
     PARTIAL_BATCH_ERROR,
     AdvanceWatermarkInput,
-    AdvanceWatermarkResult,
     ApplyBatchInput,
-    ApplyBatchResult,
     EnsureResetsInput,
-    EnsureResetsResult,
     PullStageInput,
-    PullStageResult,
     PullSyncInput,
     PullSyncResult,
     ReadyBatchesInput,
-    ReadyBatchesResult,
     UsageSyncInput,
     UsageSyncResult,
 )
@@ -42,18 +38,15 @@ _WATERMARK_NEVER_FROZEN = "pull-watermark-never-frozen"
 async def sync_batch(batch_id: str, reset_wait_seconds: float) -> UsageSyncResult:
     """Open the months the batch needs (monthly resets), then apply it in one transaction."""
     workflow.set_current_details(f"Batch {batch_id}: checking monthly resets")
-    resets: EnsureResetsResult = await workflow.execute_activity(
-        "ensure_batch_resets",
+    resets = await workflow.execute_activity_method(
+        UsageContract.ensure_batch_resets,
         EnsureResetsInput(batch_id=batch_id, wait_seconds=reset_wait_seconds),
-        result_type=EnsureResetsResult,
         start_to_close_timeout=timedelta(seconds=reset_wait_seconds) + DB_TIMEOUT,
         heartbeat_timeout=_RESET_HEARTBEAT,
         retry_policy=DB_RETRY,
     )
     workflow.set_current_details(f"Batch {batch_id}: applying")
-    applied: ApplyBatchResult = await run_db_activity(
-        "apply_usage_batch", ApplyBatchInput(batch_id=batch_id), ApplyBatchResult
-    )
+    applied = await run_db_activity(UsageContract.apply_usage_batch, ApplyBatchInput(batch_id=batch_id))
     result = UsageSyncResult(batch_id=batch_id, resets_started=resets.resets_started, **dict(applied))
     if result.overage_reports:
         await _start_reports(batch_id)
@@ -69,12 +62,11 @@ async def _start_reports(batch_id: str) -> None:
     workflow.set_current_details(f"Batch {batch_id}: starting Stripe reports")
     cursor: str | None = None
     while True:
-        page: StartReportsResult = await run_db_activity(
-            "start_pending_stripe_reports",
+        page = await run_db_activity(
+            StripeReportContract.start_pending_stripe_reports,
             StartPendingReportsInput(
                 hour=hour_key(workflow.now()), source=f"sync:{batch_id}", after_org_id=cursor
             ),
-            StartReportsResult,
         )
         cursor = page.last_org_id
         if cursor is None:
@@ -124,10 +116,9 @@ class PullUsageSyncWorkflow:
     @workflow.run
     async def run(self, request: PullSyncInput) -> PullSyncResult:
         workflow.set_current_details("Reading the metrics table")
-        staged: PullStageResult = await workflow.execute_activity(
-            "stage_pull_batch",
+        staged = await workflow.execute_activity_method(
+            UsageContract.stage_pull_batch,
             PullStageInput(overlap_seconds=request.overlap_seconds),
-            result_type=PullStageResult,
             start_to_close_timeout=_PULL_TIMEOUT,
             retry_policy=DB_RETRY,
         )
@@ -144,22 +135,18 @@ class PullUsageSyncWorkflow:
         if workflow.patched(_WATERMARK_NEVER_FROZEN):
             # The watermark always moves: rows held back for one org stay staged under their batch,
             # which a later pull runs again once the org's month is open, so no org holds back others.
-            advanced: AdvanceWatermarkResult = await run_db_activity(
-                "advance_pull_watermark",
-                AdvanceWatermarkInput(watermark=staged.window_to),
-                AdvanceWatermarkResult,
+            advanced = await run_db_activity(
+                UsageContract.advance_pull_watermark, AdvanceWatermarkInput(watermark=staged.window_to)
             )
             watermark = advanced.watermark
-            ready: ReadyBatchesResult = await run_db_activity(
-                "pull_batches_ready", ReadyBatchesInput(current=staged.batch_id), ReadyBatchesResult
+            ready = await run_db_activity(
+                UsageContract.pull_batches_ready, ReadyBatchesInput(current=staged.batch_id)
             )
             for batch_id in ready.batch_ids:
                 reruns.append(await sync_batch(batch_id, request.reset_wait_seconds))
         elif sync is None or not sync.orgs_skipped:
             advanced = await run_db_activity(
-                "advance_pull_watermark",
-                AdvanceWatermarkInput(watermark=staged.window_to),
-                AdvanceWatermarkResult,
+                UsageContract.advance_pull_watermark, AdvanceWatermarkInput(watermark=staged.window_to)
             )
             watermark = advanced.watermark
         message = f"read {staged.rows_read} rows" + (f"; {_summary(sync)}" if sync else "")

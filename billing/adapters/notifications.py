@@ -24,6 +24,7 @@ from billing.core.config import Settings
 from billing.db.sql import query
 from billing.models.notify import DispatchResult, NotifyInput
 from billing.models.search_attributes import ORG_ID
+from workflows.notify import NotifyWorkflow
 
 NOT_CONFIGURED = "BILLING_NOTIFY_URL or BILLING_NOTIFY_SECRET is not set: recorded, not delivered"
 
@@ -87,7 +88,7 @@ class Dispatcher:
         for notification_id in waiting:
             try:
                 await self.client.start_workflow(
-                    "NotifyWorkflow",
+                    NotifyWorkflow.run,
                     NotifyInput(
                         notification_id=notification_id,
                         first_retry_seconds=self.settings.notify_retry_seconds,

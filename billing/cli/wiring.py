@@ -22,6 +22,7 @@ from activities.stripe_reports import StripeReportActivities
 from activities.usage import UsageActivities
 from billing.adapters.stripe_client import make_stripe_client
 from billing.core.config import Settings
+from billing.models.contracts import activity_names
 from workflows.monthly_close import MonthlyCloseWorkflow
 from workflows.monthly_reset import MonthlyResetWorkflow
 from workflows.notify import NotificationDispatchWorkflow, NotifyWorkflow
@@ -60,28 +61,9 @@ def activities(
         grace=settings.finalization_grace,
     )
     notifications = NotificationActivities(settings, pool, client, task_queue)
-    return [
-        resets.close_org_month,
-        resets.start_monthly_resets,
-        usage.ensure_batch_resets,
-        usage.apply_usage_batch,
-        usage.stage_pull_batch,
-        usage.advance_pull_watermark,
-        usage.pull_batches_ready,
-        payments.load_org_billing,
-        payments.sync_org_billing,
-        payments.mark_webhook_events,
-        payments.change_stripe_subscription,
-        payments.resolve_plan,
-        payments.resolve_invoice_kind,
-        reports.send_stripe_reports,
-        reports.queue_storage_overage,
-        reports.start_pending_stripe_reports,
-        RetentionActivities(settings, pool).purge_expired,
-        notifications.dispatch_notifications,
-        notifications.deliver_notification,
-        notifications.mark_notification_failed,
-    ]
+    retention = RetentionActivities(settings, pool)
+    implementations = (resets, usage, payments, reports, retention, notifications)
+    return [getattr(impl, name) for impl in implementations for name in activity_names(type(impl))]
 
 
 # The sandbox re-imports a workflow's modules for every workflow run unless they are passed through.
@@ -115,4 +97,3 @@ def build_worker(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*_PASSED_THROUGH)
         ),
     )
-

@@ -11,18 +11,18 @@ import logging
 from datetime import timedelta
 from typing import Literal
 
-from pydantic import BaseModel
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowQueryFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from billing.domain.ids import org_billing_id
+from billing.domain.stripe_events import BillingEvent
 from billing.models.org_billing import OperatorRequest, OrgBillingInput, OrgBillingView
 from billing.models.search_attributes import ORG_ID, PAYMENT_STATUS
+from workflows.org_billing import OrgBillingWorkflow
 
 log = logging.getLogger(__name__)
 
-WORKFLOW_TYPE = "OrgBillingWorkflow"
 QUERY_TIMEOUT = timedelta(seconds=5)
 
 
@@ -30,23 +30,24 @@ async def signal_org_billing(
     client: Client,
     task_queue: str,
     org_id: str,
-    signal: str,
-    arg: BaseModel,
+    event: BillingEvent,
     *,
     rpc_timeout: timedelta | None = None,
 ) -> str:
-    """Signal ``org-billing/{org_id}``, starting it first if it is not running; returns its run id.
+    """Signal a Stripe event to ``org-billing/{org_id}``, starting it first if it is not running; returns
+    its run id.
 
     Signal-with-start is one atomic request: when it returns, Temporal has durably recorded the
     signal, so the caller may acknowledge (the webhook answers 200 only then).
     """
     handle = await client.start_workflow(
-        WORKFLOW_TYPE,
+        OrgBillingWorkflow.run,
         OrgBillingInput(org_id=org_id),
         id=org_billing_id(org_id),
         task_queue=task_queue,
-        start_signal=signal,
-        start_signal_args=[arg],
+        # The SDK takes the signal's name; @workflow.signal names it after its method.
+        start_signal=OrgBillingWorkflow.stripe_event.__name__,
+        start_signal_args=[event],
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         search_attributes=TypedSearchAttributes(
             [SearchAttributePair(ORG_ID, org_id), SearchAttributePair(PAYMENT_STATUS, "ok")]
@@ -74,7 +75,7 @@ async def operator_update(
     `request.request_id` is applied once.
     """
     start = WithStartWorkflowOperation(
-        WORKFLOW_TYPE,
+        OrgBillingWorkflow.run,
         OrgBillingInput(org_id=org_id),
         id=org_billing_id(org_id),
         task_queue=task_queue,
@@ -84,12 +85,9 @@ async def operator_update(
         ),
         static_summary=f"Payment state machine of org {org_id}",
     )
+    update = OrgBillingWorkflow.block if action == "block" else OrgBillingWorkflow.unblock
     return await client.execute_update_with_start_workflow(
-        action,
-        request,
-        start_workflow_operation=start,
-        result_type=OrgBillingView,
-        rpc_timeout=rpc_timeout,
+        update, request, start_workflow_operation=start, rpc_timeout=rpc_timeout
     )
 
 
@@ -101,7 +99,7 @@ async def query_org_billing_state(client: Client, org_id: str) -> OrgBillingView
     """
     handle = client.get_workflow_handle(org_billing_id(org_id))
     try:
-        return await handle.query("state", result_type=OrgBillingView, rpc_timeout=QUERY_TIMEOUT)
+        return await handle.query(OrgBillingWorkflow.state, rpc_timeout=QUERY_TIMEOUT)
     except RPCError as exc:
         if exc.status != RPCStatusCode.NOT_FOUND:
             log.warning("org-billing/%s did not answer the state query: %s", org_id, exc)

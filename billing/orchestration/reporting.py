@@ -1,10 +1,10 @@
 """Starting ``stripe-report/{org_id}/{YYYY-MM-DDTHH}`` workflows: the one starter every caller shares.
 
-A start is a signal-with-start with conflict policy "use existing": while the org's report of that hour
-runs, the start only signals it that more rows were queued, and the running workflow drains them before
-it completes. Once it has completed, the same ID may run again (rows are exactly-once through their
-identifiers and their outbox status, not through the workflow ID), so rows queued later in the same
-hour are not left waiting for the next hour.
+A start starts the org's report of that hour, or, while it runs, only signals it that more rows were
+queued (``rows_queued``), and the running workflow drains them before it completes. Once it has
+completed, the same ID may run again (rows are exactly-once through their identifiers and their outbox
+status, not through the workflow ID), so rows queued later in the same hour are not left waiting for the
+next hour.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from billing.db.sql import query
 from billing.domain.hours import hour_key
@@ -30,12 +32,11 @@ from billing.domain.months import month_key
 from billing.models.search_attributes import MONTH, ORG_ID
 from billing.models.stripe_report import ReportTuning, StripeReportInput
 from billing.observability.telemetry import STRIPE_OUTBOX, STRIPE_OUTBOX_UNITS
+from workflows.stripe_report import StripeReportWorkflow
 
 # The outbox states /metrics shows (billing_stripe_outbox_rows / _units), rows waiting for a customer apart.
 OUTBOX_STATES = ("pending", "waiting_for_customer", "sending", "uncertain", "failed")
 
-# The signal a start sends to a running report: "more rows may be pending, drain again before ending".
-ROWS_QUEUED_SIGNAL = "rows_queued"
 # Starting a workflow is one RPC; a handful at once keeps a page fast without flooding the frontend.
 _CONCURRENT_STARTS = 16
 
@@ -62,25 +63,35 @@ async def start_stripe_reports(
     gate = asyncio.Semaphore(_CONCURRENT_STARTS)
 
     async def start(org_id: str) -> tuple[str, bool]:
+        """Whether a run was started (else the running one was signalled)."""
         workflow_id = stripe_report_id(org_id, hour)
         async with gate:
-            handle = await client.start_workflow(
-                "StripeReportWorkflow",
-                StripeReportInput(org_id=org_id, hour=key, tuning=tuning or ReportTuning()),
-                id=workflow_id,
-                task_queue=task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                start_signal=ROWS_QUEUED_SIGNAL,
-                search_attributes=TypedSearchAttributes(
-                    [SearchAttributePair(ORG_ID, org_id), SearchAttributePair(MONTH, month_key(hour))]
-                ),
-                static_summary=f"Send org {org_id}'s pending overage to Stripe ({key})",
-            )
-        # Signal-with-start answers whether it started a run; the SDK keeps that answer on the handle
-        # only privately. It feeds counts in the UI, never a decision, so a missing field is harmless.
-        response = getattr(handle, "_start_workflow_response", None)
-        return workflow_id, bool(getattr(response, "started", True))
+            while True:
+                try:
+                    await client.start_workflow(
+                        StripeReportWorkflow.run,
+                        StripeReportInput(org_id=org_id, hour=key, tuning=tuning or ReportTuning()),
+                        id=workflow_id,
+                        task_queue=task_queue,
+                        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                        search_attributes=TypedSearchAttributes(
+                            [SearchAttributePair(ORG_ID, org_id), SearchAttributePair(MONTH, month_key(hour))]
+                        ),
+                        static_summary=f"Send org {org_id}'s pending overage to Stripe ({key})",
+                    )
+                    return workflow_id, True
+                except WorkflowAlreadyStartedError:
+                    pass
+                # Running: tell it more rows are queued. (Not one signal-with-start: the SDK keeps
+                # whether that started a run only on a private attribute, and the counts need it.)
+                try:
+                    await client.get_workflow_handle(workflow_id).signal(StripeReportWorkflow.rows_queued)
+                    return workflow_id, False
+                except RPCError as exc:
+                    # It completed in between, so it may have missed the rows: start it again.
+                    if exc.status != RPCStatusCode.NOT_FOUND:
+                        raise
 
     outcomes = await asyncio.gather(*(start(org_id) for org_id in dict.fromkeys(org_ids)))
     started = sum(1 for _, was_started in outcomes if was_started)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
@@ -36,6 +38,12 @@ from billing.domain.ids import monthly_reset_id
 from billing.domain.months import parse_month
 from billing.models import MonthlyCloseInput, MonthlyResetInput, RetentionInput
 from billing.models.search_attributes import MONTH, ORG_ID, SEARCH_ATTRIBUTES
+from workflows.monthly_close import MonthlyCloseWorkflow
+from workflows.monthly_reset import MonthlyResetWorkflow
+from workflows.notify import NotificationDispatchWorkflow
+from workflows.retention import RetentionWorkflow
+from workflows.stripe_report import StorageOverageWorkflow
+from workflows.usage_sync import PullUsageSyncWorkflow
 
 
 async def connect(
@@ -93,7 +101,7 @@ class ScheduledJob:
     """One of the schedules of the contract."""
 
     schedule_id: str
-    workflow: str
+    workflow: Callable[..., Awaitable[Any]]  # the workflow class's run method
     workflow_id: str
     cron: str
     arg: object
@@ -109,7 +117,7 @@ def scheduled_jobs() -> list[ScheduledJob]:
     return [
         ScheduledJob(
             "usage-sync-hourly",
-            "PullUsageSyncWorkflow",
+            PullUsageSyncWorkflow.run,
             "usage-sync/pull",
             "5 * * * *",
             PullSyncInput(),
@@ -117,7 +125,7 @@ def scheduled_jobs() -> list[ScheduledJob]:
         ),
         ScheduledJob(
             "storage-overage-hourly",
-            "StorageOverageWorkflow",
+            StorageOverageWorkflow.run,
             "storage-overage",
             "15 * * * *",
             StorageOverageInput(),
@@ -125,7 +133,7 @@ def scheduled_jobs() -> list[ScheduledJob]:
         ),
         ScheduledJob(
             "monthly-close",
-            "MonthlyCloseWorkflow",
+            MonthlyCloseWorkflow.run,
             "monthly-close",
             "10 0 1 * *",
             MonthlyCloseInput(),
@@ -133,7 +141,7 @@ def scheduled_jobs() -> list[ScheduledJob]:
         ),
         ScheduledJob(
             "retention-daily",
-            "RetentionWorkflow",
+            RetentionWorkflow.run,
             "retention",
             "40 3 * * *",
             RetentionInput(),
@@ -141,7 +149,7 @@ def scheduled_jobs() -> list[ScheduledJob]:
         ),
         ScheduledJob(
             "notifications-dispatch",
-            "NotificationDispatchWorkflow",
+            NotificationDispatchWorkflow.run,
             "notifications-dispatch",
             "* * * * *",
             DispatchInput(),
@@ -236,7 +244,7 @@ async def start_monthly_reset(
 
     async def start(policy: WorkflowIDReusePolicy) -> None:
         await client.start_workflow(
-            "MonthlyResetWorkflow",
+            MonthlyResetWorkflow.run,
             MonthlyResetInput(org_id=org_id, month=month),
             id=workflow_id,
             task_queue=task_queue,

@@ -22,6 +22,7 @@ from billing.db.sql import query
 from billing.domain.ids import usage_sync_id
 from billing.models import MAX_TAG_LENGTH, refuse_control_characters
 from billing.models.usage_sync import INPUT_ERROR, PARTIAL_BATCH_ERROR, UsageSyncInput, UsageSyncResult
+from workflows.usage_sync import UsageSyncWorkflow
 
 MAX_ROWS = 100_000
 FIELDS = ("project_id", "tag", "created_at", "updated_at", "increment")
@@ -192,11 +193,10 @@ async def run_usage_sync(
     workflow_id = usage_sync_id(batch_id)
     try:
         handle = await client.start_workflow(
-            "UsageSyncWorkflow",
+            UsageSyncWorkflow.run,
             UsageSyncInput(batch_id=batch_id, reset_wait_seconds=reset_wait_seconds),
             id=workflow_id,
             task_queue=task_queue,
-            result_type=UsageSyncResult,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             static_summary=f"Apply usage batch {batch_id}",

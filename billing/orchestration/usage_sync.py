@@ -10,6 +10,7 @@ from billing.core.config import Settings
 from billing.domain.ids import usage_sync_id
 from billing.models.usage_sync import PullSyncInput, PullSyncResult
 from billing.orchestration.temporal import connect
+from workflows.usage_sync import PullUsageSyncWorkflow
 
 
 async def run_pull_now(settings: Settings) -> PullSyncResult:
@@ -21,11 +22,10 @@ async def run_pull_now(settings: Settings) -> PullSyncResult:
     client = await connect(settings)
     batch = f"pull-now-{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}"
     return await client.execute_workflow(
-        "PullUsageSyncWorkflow",
+        PullUsageSyncWorkflow.run,
         PullSyncInput(),
         id=usage_sync_id(batch),
         task_queue=settings.task_queue,
-        result_type=PullSyncResult,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         static_summary="Pull counter rows from BILLING_METRICS_SOURCE_URL now (billing sync)",
     )
