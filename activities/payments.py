@@ -20,11 +20,12 @@ import stripe
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
-from billing.adapters.stripe_client import make_stripe_client
+from billing.adapters.stripe_client import is_refusal, make_stripe_client
 from billing.core.config import Settings
 from billing.db.sql import query
 from billing.domain.months import parse_month
-from billing.domain.stripe_events import PLANS, plan_from_product, price_is_metered
+from billing.domain.plans import PLANS
+from billing.domain.stripe_events import plan_from_product, price_is_metered
 from billing.models.contracts import PaymentContract
 from billing.models.org_billing import (
     MarkWebhookEventsInput,
@@ -44,12 +45,6 @@ from billing.models.org_billing import (
 log = logging.getLogger(__name__)
 
 NO_STRIPE_KEY = "STRIPE_API_KEY is not set"
-
-
-def is_refusal(exc: stripe.StripeError) -> bool:
-    """A Stripe error that retrying will not fix: a 4xx other than 409 (key in use) and 429."""
-    status = exc.http_status
-    return status is not None and 400 <= status < 500 and status not in (409, 429)
 
 
 def _describe(exc: stripe.StripeError) -> str:

@@ -15,10 +15,7 @@ from billing.models import MonthlyResetInput, MonthlyResetResult, StartResetsInp
 from billing.models.contracts import ResetContract
 from billing.models.usage_sync import input_error
 from billing.observability.metrics import MONTHLY_RESETS
-from billing.orchestration.temporal import start_monthly_reset
-
-# Starting a workflow is one RPC; a handful at once keeps a page fast without flooding the frontend.
-_CONCURRENT_STARTS = 16
+from billing.orchestration.temporal import CONCURRENT_STARTS, start_monthly_reset
 
 
 class ResetActivities(ResetContract):
@@ -74,7 +71,7 @@ class ResetActivities(ResetContract):
             )
             org_ids = [row["org_id"] for row in await cursor.fetchall()]
 
-        gate = asyncio.Semaphore(_CONCURRENT_STARTS)
+        gate = asyncio.Semaphore(CONCURRENT_STARTS)
 
         async def start(org_id: str) -> bool:
             async with gate:

@@ -45,6 +45,7 @@ from temporalio.exceptions import ApplicationError
 from billing.core.clock import utcnow
 from billing.db.sql import query
 from billing.domain.hours import parse_hour
+from billing.domain.ids import canonical_uuid
 from billing.models.contracts import StripeReportContract
 from billing.models.stripe_report import (
     QueueStorageOverageInput,
@@ -135,7 +136,7 @@ def _error_message(error: stripe.StripeError) -> str:
 
 def _validate_org_id(org_id: str) -> str:
     try:
-        return str(uuid.UUID(org_id))
+        return canonical_uuid(org_id)
     except ValueError:
         raise ApplicationError(f"org id must be a UUID, got {org_id!r}", non_retryable=True) from None
 

@@ -37,10 +37,8 @@ from billing.models.usage_sync import (
     input_error,
 )
 from billing.observability.metrics import USAGE_APPLY_ROWS
-from billing.orchestration.temporal import start_monthly_reset
+from billing.orchestration.temporal import CONCURRENT_STARTS, start_monthly_reset
 
-# Starting a workflow is one RPC; a handful at once keeps a big batch fast without flooding Temporal.
-_CONCURRENT_STARTS = 16
 _HEARTBEAT_EVERY = 2.0
 # The apply's locks are taken in one fixed order, so these should never happen; if one does, the
 # transaction is simply run again (Temporal would retry the activity anyway).
@@ -101,7 +99,7 @@ class UsageActivities(UsageContract):
         async with self.pool.connection() as conn:
             needed = await (await conn.execute(query("batch_resets_needed"), params)).fetchall()
 
-        gate = asyncio.Semaphore(_CONCURRENT_STARTS)
+        gate = asyncio.Semaphore(CONCURRENT_STARTS)
 
         async def settle(org_id: str, month: str) -> tuple[bool, str | None]:
             async with gate:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,10 +16,11 @@ from billing.adapters.notifications import org_notifications
 from billing.core.clock import current_month
 from billing.db.sql import query
 from billing.domain.months import parse_month
+from billing.domain.plans import PLANS, Plan
 from billing.models import MAX_BIGINT, MAX_ID_LENGTH, Name, Tag
 from billing.read.status import add_temporal_view, load_org_status
 
-PlanName = Literal["free", "pro", "team"]
+_PLAN_NAMES = ", ".join(PLANS[:-1]) + f" and {PLANS[-1]}"  # "free, pro and team"
 # A JSON integer only (no booleans, strings or floats) within bigint; a negative one is refused below
 # with its own message.
 Limit = Annotated[int, Field(strict=True, ge=-MAX_BIGINT - 1, le=MAX_BIGINT)]
@@ -32,7 +33,7 @@ class OrgBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Name | None = None
-    plan: PlanName | None = None
+    plan: Plan | None = None
     stripe_customer_id: str | None = Field(
         default=None, pattern=r"^cus_[A-Za-z0-9]+$", max_length=MAX_ID_LENGTH, strict=True
     )
@@ -68,7 +69,7 @@ class ProjectAnswer(BaseModel):
 class PlanAnswer(BaseModel):
     """``PUT /v1/plans/{plan}``: the limits just set, and the plan's notification thresholds."""
 
-    plan: PlanName
+    plan: Plan
     limits: dict[str, int]
     thresholds: list[int]
 
@@ -119,8 +120,8 @@ async def put_plan(request: Request) -> JSONResponse:
     """Set a plan's included quantities; every org on the plan has its flags recomputed."""
     require_bearer(request)
     plan = request.path_params["plan"]
-    if plan not in ("free", "pro", "team"):
-        raise ApiError(400, f"unknown plan {plan!r}; plans are free, pro and team")
+    if plan not in PLANS:
+        raise ApiError(400, f"unknown plan {plan!r}; plans are {_PLAN_NAMES}")
     body = await json_body(request, PlanBody)
     async with request.app.state.pool.connection() as conn:
         known = {row["tag"] for row in await (await conn.execute(query("meter_tags"))).fetchall()}
@@ -157,8 +158,8 @@ async def get_plan(request: Request) -> JSONResponse:
     """A plan's included quantities, as ``PUT /v1/plans/{plan}`` takes them (null: unlimited)."""
     require_bearer(request)
     plan = request.path_params["plan"]
-    if plan not in ("free", "pro", "team"):
-        raise ApiError(400, f"unknown plan {plan[:40]!r}; plans are free, pro and team")
+    if plan not in PLANS:
+        raise ApiError(400, f"unknown plan {plan[:40]!r}; plans are {_PLAN_NAMES}")
     async with request.app.state.pool.connection() as conn:
         rows = await (await conn.execute(query("plan_limits"), {"plan": plan})).fetchall()
     return JSONResponse({"plan": plan, "limits": {row["tag"]: row["included"] for row in rows}})

@@ -17,7 +17,6 @@ import asyncio
 import hmac
 import re
 import time
-import uuid
 from urllib.parse import parse_qsl
 
 from opentelemetry import trace
@@ -26,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from billing.db.sql import query
+from billing.domain.ids import canonical_uuid
 from billing.observability.telemetry import HTTP_LATENCY, HTTP_REQUESTS, tracer
 
 # Writes the product's gateway asks about: they consume quota, so a flagged project is refused.
@@ -176,7 +176,7 @@ class QuotaFastPath:
             return
         raw_id = path[len(_PREFIX) : -len(_SUFFIX)]
         try:
-            project_id = str(uuid.UUID(raw_id))
+            project_id = canonical_uuid(raw_id)
         except ValueError:
             await self.app(scope, receive, send)
             return

@@ -19,6 +19,7 @@ from pydantic.json_schema import models_json_schema
 
 from api.admin import OrgBody, PlanAnswer, PlanBody, ProjectAnswer, ProjectBody
 from api.validation import MAX_ADMIN_BODY_BYTES, MAX_JSON_DEPTH
+from billing.domain.plans import PLANS
 from billing.models import MAX_BIGINT, MAX_TAG_LENGTH
 from billing.orchestration.usage_batches import MAX_ROWS
 from billing.read.status import OrgStatus
@@ -179,7 +180,7 @@ OPERATIONS = [
         True,
         PlanBody,
         {200: PlanAnswer, **_BODY_ERRORS},
-        [{"name": "plan", "in": "path", "required": True, "schema": {"enum": ["free", "pro", "team"]}}],
+        [{"name": "plan", "in": "path", "required": True, "schema": {"enum": list(PLANS)}}],
     ),
     Operation(
         "get",

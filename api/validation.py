@@ -9,13 +9,13 @@ nesting beyond :data:`MAX_JSON_DEPTH` with 400 (no request body of this API need
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from api.errors import ApiError, describe_validation_error
+from billing.domain.ids import canonical_uuid
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -31,7 +31,7 @@ def path_uuid(request: Request, name: str) -> str:
     """A path parameter that must be a UUID, in canonical form; 400 otherwise."""
     raw = request.path_params[name]
     try:
-        return str(uuid.UUID(raw))
+        return canonical_uuid(raw)
     except ValueError:
         shown = raw if len(raw) <= 64 else raw[:64] + "..."
         raise ApiError(400, f"{name} must be a UUID, got {shown!r}") from None

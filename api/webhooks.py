@@ -22,7 +22,6 @@ signalled again, and the workflow's reducer drops the duplicate by event id.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -35,10 +34,10 @@ from temporalio.service import RPCError
 
 from api.errors import ApiError
 from api.validation import parse_json, read_body
-from billing.adapters.stripe_client import make_stripe_client
+from billing.adapters.stripe_client import is_refusal, make_stripe_client
 from billing.core.clock import utcnow
 from billing.db.sql import query
-from billing.domain.ids import org_billing_id
+from billing.domain.ids import canonical_uuid, org_billing_id
 from billing.domain.stripe_events import BillingEvent, MalformedStripeEvent, parse_event
 from billing.observability.telemetry import WEBHOOK_EVENTS
 from billing.orchestration.org_billing import signal_org_billing
@@ -283,8 +282,7 @@ async def _subscription_org(request: Request, subscription_id: str) -> str | Non
     try:
         subscription = await client.v1.subscriptions.retrieve_async(subscription_id)
     except stripe.StripeError as exc:
-        status = exc.http_status
-        if status is not None and 400 <= status < 500 and status not in (409, 429):
+        if is_refusal(exc):
             log.warning("subscription %s not readable from Stripe: %s", subscription_id, exc)
             return None
         raise _Transient(f"Stripe: {type(exc).__name__}") from exc
@@ -297,6 +295,6 @@ def _as_uuid(value: str | None) -> str | None:
     if not value:
         return None
     try:
-        return str(uuid.UUID(value))
+        return canonical_uuid(value)
     except ValueError:
         return None

@@ -26,13 +26,13 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 import worker as worker_module
-from activities.resets import _CONCURRENT_STARTS
 from bench.noop_workflow import NoopWorkflow
 from billing.core.config import Settings
 from billing.db.pool import open_pool
 from billing.db.sql import query
 from billing.domain.months import month_key, parse_month, previous_month
 from billing.models import MonthlyCloseInput
+from billing.orchestration.temporal import CONCURRENT_STARTS
 from billing.testing.scratch import scratch_database, temporal_dev_server
 from workflows.monthly_close import MonthlyCloseWorkflow
 
@@ -70,8 +70,8 @@ async def wait_completed(client: Client, workflow_type: str, count: int) -> None
 
 
 async def noop_ceiling(client: Client, queue: str, count: int) -> float:
-    """Seconds to start ``count`` no-op workflows (``_CONCURRENT_STARTS`` at a time) and see them done."""
-    gate = asyncio.Semaphore(_CONCURRENT_STARTS)
+    """Seconds to start ``count`` no-op workflows (``CONCURRENT_STARTS`` at a time) and see them done."""
+    gate = asyncio.Semaphore(CONCURRENT_STARTS)
     run = uuid.uuid4().hex[:8]
 
     async def start(n: int) -> None:
@@ -144,7 +144,7 @@ async def main(argv: list[str] | None = None) -> int:
     print(f"month close benchmark: {args.orgs:,} orgs with usage in {previous_month(month)}")
     print(f"  monthly-close until every reset completed {close_rate:>10,.0f} resets/s  ({close_s:.1f} s)")
     print(
-        f"  raw no-op workflows, {_CONCURRENT_STARTS} starts at a time {noop_rate:>10,.0f} workflows/s  ({noop_s:.1f} s)"
+        f"  raw no-op workflows, {CONCURRENT_STARTS} starts at a time {noop_rate:>10,.0f} workflows/s  ({noop_s:.1f} s)"
     )
     print(f"  ratio {'':<36} {close_rate / noop_rate:>10.2f}")
     return 0

@@ -51,6 +51,7 @@ import httpx
 import psycopg
 
 from billing.domain.payment_state import PaymentState, apply_event
+from billing.domain.plans import PLANS
 from billing.domain.stripe_events import parse_event
 from billing.orchestration.temporal import SEARCH_ATTRIBUTES
 from billing.testing import stripe_payloads as sp
@@ -73,7 +74,6 @@ LIMITS = {
     "pro": {"task.created": 80, "space.learned": 40, "search.experience.embedding": 100, "search.experience.agentic": 30},
     "team": {"task.created": 120, "space.learned": 60, "search.experience.embedding": 150, "search.experience.agentic": 40},
 }
-PLANS = ("free", "pro", "team")
 READY_SECONDS = 90.0
 # The core service's metrics table (pull mode reads it through BILLING_METRICS_SOURCE_URL).
 CORE_SCHEMA = """

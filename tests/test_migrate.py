@@ -12,6 +12,7 @@ import pytest
 from billing.core.errors import MigrationError
 from billing.db.migrate import migrate
 from billing.db.sql import migration_files
+from billing.domain.plans import PLANS
 from tests.conftest import fresh_database
 
 
@@ -26,7 +27,7 @@ def test_migrations_apply_once_and_a_second_run_applies_nothing(postgres_admin_u
             meters = conn.execute("SELECT count(*) FROM meters").fetchone()
             plans = conn.execute("SELECT array_agg(name ORDER BY name) FROM plans").fetchone()
         assert meters == (5,)
-        assert plans == (["free", "pro", "team"],)
+        assert plans == (list(PLANS),)
 
 
 def test_two_migrators_at_once_apply_each_migration_once(postgres_admin_url: str) -> None:

@@ -12,12 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from billing.domain.payment_state import PaymentState, apply_event
+from billing.domain.plans import PLANS
 from billing.domain.stripe_events import BillingEvent, parse_event
 from billing.testing import stripe_payloads as sp
 
 T0 = 1_761_000_000
 METERED = sp.price("price_tasks", product="prod_usage", metered=True)
-PLANS = ("free", "pro", "team")
+
 
 
 def parsed(raw: dict[str, Any]) -> BillingEvent:

@@ -15,6 +15,15 @@ from billing.core.config import Settings
 STRIPE_TIMEOUT_SECONDS = 20.0
 
 
+def is_refusal(exc: stripe.StripeError) -> bool:
+    """A Stripe error that retrying will not fix: a 4xx other than 409 (key in use) and 429 (rate limit).
+
+    (Meter events have a rule of their own: activities/stripe_reports.py also retries 401 and 403.)
+    """
+    status = exc.http_status
+    return status is not None and 400 <= status < 500 and status not in (409, 429)
+
+
 def make_stripe_client(
     settings: Settings, *, timeout: float = STRIPE_TIMEOUT_SECONDS
 ) -> stripe.StripeClient | None:

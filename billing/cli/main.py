@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from billing.core.config import Settings
 from billing.core.errors import UserError
+from billing.domain.ids import canonical_uuid
 from billing.read.humanize import gib, iso, plural, verb
 
 EXIT_USAGE = 2
@@ -28,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _org_id(value: str) -> str:
     try:
-        return str(uuid.UUID(value))
+        return canonical_uuid(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"ORG_ID must be a UUID, got {value!r}") from None
 

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
+
+
+def canonical_uuid(text: str) -> str:
+    """``text`` as a UUID in canonical form (lower case, hyphenated); ValueError when it is not one.
+
+    The one check of an org or project id at every boundary (API paths, the quota fast path, the
+    CLI, webhook metadata, activity input); each turns the ValueError into its own kind of refusal.
+    """
+    return str(uuid.UUID(text))
 
 
 def monthly_reset_id(org_id: str, month: str) -> str:

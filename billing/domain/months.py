@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime
 
-_MONTH = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+# A month as text, here and in the models' fields (pydantic patterns).
+MONTH_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
+_MONTH = re.compile(MONTH_PATTERN)
 
 
 def parse_month(text: str) -> date:
@@ -13,7 +15,7 @@ def parse_month(text: str) -> date:
     match = _MONTH.match(text)
     if not match:
         raise ValueError(f"expected a month as YYYY-MM, got {text!r}")
-    return date(int(match[1]), int(match[2]), 1)
+    return date(int(text[:4]), int(match[1]), 1)
 
 
 def month_key(day: date | datetime) -> str:

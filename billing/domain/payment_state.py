@@ -47,7 +47,8 @@ from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
-from billing.domain.stripe_events import BillingEvent, InvoiceKind, Plan, validate_plan
+from billing.domain.plans import Plan
+from billing.domain.stripe_events import BillingEvent, InvoiceKind, validate_plan
 
 PaymentStatus = Literal["ok", "past_due", "blocked"]
 

@@ -22,18 +22,17 @@ Stripe before it treats a *failed* invoice as a plan failure (see `ResolveInvoic
 not page through them (that would be I/O) — a metered line beyond the first page of a non-threshold
 invoice is not seen.
 
-This module imports only the standard library and pydantic so that the Temporal workflow sandbox can
+This module imports only the standard library, pydantic and billing.domain.plans so that the Temporal workflow sandbox can
 import it (the org workflow receives `BillingEvent` as its signal payload).
 """
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Plan = Literal["free", "pro", "team"]
-PLANS: Final[tuple[str, ...]] = get_args(Plan)
+from billing.domain.plans import PLANS, Plan
 
 ObjectKind = Literal["invoice", "subscription", "subscription_schedule"]
 InvoiceKind = Literal["metered", "plan"]

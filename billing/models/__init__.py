@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-MONTH_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
+from billing.domain.months import MONTH_PATTERN
 
 # Bounds of what input may carry into SQL: bigint columns, and text columns of names, tags and ids.
 MAX_BIGINT = 2**63 - 1

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from billing.domain.months import MONTH_PATTERN
 from billing.domain.payment_state import (
     OperatorAction,
     OperatorBlock,
@@ -19,7 +20,8 @@ from billing.domain.payment_state import (
     RecentEvent,
     StripeRefusal,
 )
-from billing.domain.stripe_events import BillingEvent, InvoiceKind, Plan
+from billing.domain.plans import Plan
+from billing.domain.stripe_events import BillingEvent, InvoiceKind
 from billing.models import Model
 
 # Events processed per run before continuing as new (the workflow also continues when Temporal suggests
@@ -142,7 +144,7 @@ class SyncOrgBillingInput(Model):
     payment_status_reason: str | None
     columns: list[str] = list(BILLING_COLUMNS)
     recompute_quota: bool
-    month: str = Field(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")
+    month: str = Field(pattern=MONTH_PATTERN)
     stripe_customer_id: str | None = Field(
         default=None,
         description="a Stripe customer learned from an event: recorded only if the org has none "

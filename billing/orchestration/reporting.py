@@ -32,13 +32,12 @@ from billing.domain.months import month_key
 from billing.models.search_attributes import MONTH, ORG_ID
 from billing.models.stripe_report import ReportTuning, StripeReportInput
 from billing.observability.telemetry import STRIPE_OUTBOX, STRIPE_OUTBOX_UNITS
+from billing.orchestration.temporal import CONCURRENT_STARTS
 from workflows.stripe_report import StripeReportWorkflow
 
 # The outbox states /metrics shows (billing_stripe_outbox_rows / _units), rows waiting for a customer apart.
 OUTBOX_STATES = ("pending", "waiting_for_customer", "sending", "uncertain", "failed")
 
-# Starting a workflow is one RPC; a handful at once keeps a page fast without flooding the frontend.
-_CONCURRENT_STARTS = 16
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ async def start_stripe_reports(
 ) -> ReportStarts:
     """Start (or signal, if running) ``stripe-report/{org}/{hour}`` for each org; safe to repeat."""
     key = hour_key(hour)
-    gate = asyncio.Semaphore(_CONCURRENT_STARTS)
+    gate = asyncio.Semaphore(CONCURRENT_STARTS)
 
     async def start(org_id: str) -> tuple[str, bool]:
         """Whether a run was started (else the running one was signalled)."""

@@ -45,6 +45,10 @@ from workflows.retention import RetentionWorkflow
 from workflows.stripe_report import StorageOverageWorkflow
 from workflows.usage_sync import PullUsageSyncWorkflow
 
+# Starting a workflow is one RPC; a handful at once keeps a page of starts fast without flooding the
+# frontend (resets of a month close, resets a batch needs, Stripe reports).
+CONCURRENT_STARTS = 16
+
 
 async def connect(
     settings: Settings, *, wait_seconds: float = 10.0, runtime: Runtime | None = None
