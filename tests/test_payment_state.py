@@ -19,7 +19,6 @@ from billing.domain.payment_state import (
     ResolvePlan,
     RevokeDowngrade,
     ScheduleDowngrade,
-    SyncBilling,
     Transition,
     apply_event,
     apply_operator,
@@ -111,10 +110,6 @@ def test_failed_metered_invoice_blocks(shape: sp.Shape) -> None:
     assert t.state.failed_plan == {}
     assert t.state.pending_plan is None  # a metered failure does not downgrade
     assert t.effects == [
-        SyncBilling(
-            plan="pro", pending_plan=None, period_end=1_762_600_000, subscription_id="sub_test_1",
-            payment_status="blocked",
-        ),
         RecomputeQuota(reason="blocked"),
     ]  # fmt: skip
 
@@ -132,10 +127,6 @@ def test_failed_plan_invoice_is_past_due_and_schedules_downgrade(shape: sp.Shape
     assert t.state.plan == "pro"  # the downgrade happens at period end
     assert t.state.downgrade_scheduled_for == "sub_test_1"
     assert t.effects == [
-        SyncBilling(
-            plan="pro", pending_plan="free", period_end=1_762_600_000, subscription_id="sub_test_1",
-            payment_status="past_due",
-        ),
         ScheduleDowngrade(
             subscription_id="sub_test_1", downgrade_to="free", downgrade_reason="plan_payment_failed",
             idempotency_key="downgrade:evt_pf",
@@ -170,8 +161,8 @@ def test_paid_metered_invoice_lifts_block(paid_type: str) -> None:
     assert t.outcome == "applied"
     assert t.state.payment_status == "ok"
     assert t.state.failed_metered == {}
-    assert effect_kinds(t) == ["sync_billing", "recompute_quota"]
-    assert t.effects[1] == RecomputeQuota(reason="unblocked")
+    assert effect_kinds(t) == ["recompute_quota"]
+    assert t.effects[0] == RecomputeQuota(reason="unblocked")
 
 
 def test_paid_plan_invoice_lifts_past_due_and_revokes_the_downgrade() -> None:
@@ -182,10 +173,6 @@ def test_paid_plan_invoice_lifts_past_due_and_revokes_the_downgrade() -> None:
     assert t.state.pending_plan is None
     assert t.state.downgrade_scheduled_for is None
     assert t.effects == [
-        SyncBilling(
-            plan="pro", pending_plan=None, period_end=1_762_600_000, subscription_id="sub_test_1",
-            payment_status="ok",
-        ),
         RevokeDowngrade(subscription_id="sub_test_1", idempotency_key="revoke-downgrade:evt_paid"),
     ]  # fmt: skip
     # invoice.payment_succeeded for the same payment right after: nothing more to do.
@@ -240,7 +227,7 @@ def test_metered_fails_plan_fails_metered_paid_leaves_past_due() -> None:
     assert t.state.failed_metered == {}
     assert list(t.state.failed_plan) == ["in_p"]
     assert t.state.pending_plan == "free"
-    assert effect_kinds(t) == ["sync_billing", "recompute_quota"]  # no RevokeDowngrade
+    assert effect_kinds(t) == ["recompute_quota"]  # no RevokeDowngrade
 
 
 def test_later_plan_failure_does_not_lift_metered_block() -> None:
@@ -296,7 +283,7 @@ def test_new_shape_failure_asks_for_invoice_kind_then_blocks() -> None:
     resolved = apply_resolved_invoice_kind(t.state, event, "metered")
     assert resolved.outcome == "applied"
     assert resolved.state.payment_status == "blocked"
-    assert effect_kinds(resolved) == ["sync_billing", "recompute_quota"]
+    assert effect_kinds(resolved) == ["recompute_quota"]
 
 
 def test_new_shape_failure_resolved_as_plan_schedules_downgrade() -> None:
@@ -490,8 +477,6 @@ def test_active_subscription_sets_plan_id_period_and_clears_pending(
     assert (t.state.plan, t.state.subscription_id, t.state.period_end) == ("team", "sub_9", 1_765_000_000)
     assert t.state.pending_plan is None
     assert t.effects == [
-        SyncBilling(plan="team", pending_plan=None, period_end=1_765_000_000, subscription_id="sub_9",
-                    payment_status="ok"),
         RecomputeQuota(reason="plan free -> team"),
     ]  # fmt: skip
 
@@ -519,7 +504,7 @@ def test_plan_resolved_from_stripe_product() -> None:
     assert resolved.outcome == "applied"
     assert resolved.state.plan == "pro"
     assert resolved.state.awaiting_plan_event_id is None
-    assert effect_kinds(resolved) == ["sync_billing", "recompute_quota"]
+    assert effect_kinds(resolved) == ["recompute_quota"]
     assert apply_resolved_plan(resolved.state, event, "pro").outcome == "stale"  # only once
 
 
@@ -631,7 +616,7 @@ def test_schedule_with_next_phase_sets_pending_plan(event_type: str) -> None:
     t = apply_event(pro_state(), sched_event(event_type, T0, next_plan="team"))
     assert t.outcome == "applied"
     assert (t.state.pending_plan, t.state.pending_plan_source) == ("team", "schedule")
-    assert effect_kinds(t) == ["sync_billing"]
+    assert effect_kinds(t) == []
 
 
 @pytest.mark.parametrize("ending", ["completed", "canceled", "released"])
@@ -684,7 +669,7 @@ def test_operator_block_forces_blocked_until_unblock() -> None:
     t = apply_operator(pro_state(), "block", "fraud review", at=T0)
     assert t.state.payment_status == "blocked"
     assert t.state.status_reasons == ["blocked by operator: fraud review"]
-    assert effect_kinds(t) == ["sync_billing", "recompute_quota"]
+    assert effect_kinds(t) == ["recompute_quota"]
     # A paid invoice does not lift an operator block.
     state = apply_event(t.state, inv_event("invoice.paid", plan_invoice("in_p"), T0 + 1)).state
     assert state.payment_status == "blocked"
@@ -728,7 +713,7 @@ def test_stripe_refusal_is_recorded_and_shown() -> None:
     r = record_stripe_refusal(t.state, downgrade, "No such subscription: 'sub_test_1'", at=T0 + 1)
     assert r.outcome == "applied"
     assert r.effects == []
-    assert r.state.last_stripe_refusal == "No such subscription: 'sub_test_1'"
+    assert r.state.downgrade_errors[-1].message == "No such subscription: 'sub_test_1'"
     assert r.state.downgrade_scheduled_for is None
     assert r.state.payment_status == "past_due"
     assert (

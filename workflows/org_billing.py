@@ -389,7 +389,7 @@ class OrgBillingWorkflow:
                     "org %s: invoice %s: %s", self._org_id, effect.invoice_id, kind_result.note
                 )
             return apply_resolved_invoice_kind(self._state, event, kind_result.kind)
-        return None  # SyncBilling and RecomputeQuota: written together by _flush_billing.
+        return None  # RecomputeQuota: done with the billing row by _flush_billing.
 
     def _enforcement_changed(self) -> bool:
         """Whether the plan or payment status (what the flags follow) differs from what is written."""

@@ -224,24 +224,9 @@ class PaymentState(BaseModel):
             reasons.append(f"Stripe refused {last.action} of {last.subscription_id}: {last.message}")
         return reasons
 
-    @property
-    def last_stripe_refusal(self) -> str | None:
-        return self.downgrade_errors[-1].message if self.downgrade_errors else None
-
 
 # --------------------------------------------------------------------------------------------------
 # Effects: what the workflow must do (as activities) after a transition.
-
-
-class SyncBilling(BaseModel):
-    """Write these columns to `organization_billing` (the whole row's billing view, idempotent)."""
-
-    kind: Literal["sync_billing"] = "sync_billing"
-    plan: Plan
-    pending_plan: Plan | None
-    period_end: int | None
-    subscription_id: str | None
-    payment_status: PaymentStatus
 
 
 class RecomputeQuota(BaseModel):
@@ -301,7 +286,7 @@ class ResolveInvoiceKind(BaseModel):
 
 
 Effect = Annotated[
-    SyncBilling | RecomputeQuota | ScheduleDowngrade | RevokeDowngrade | ResolvePlan | ResolveInvoiceKind,
+    RecomputeQuota | ScheduleDowngrade | RevokeDowngrade | ResolvePlan | ResolveInvoiceKind,
     Field(discriminator="kind"),
 ]
 
@@ -356,7 +341,7 @@ def apply_event(state: PaymentState, event: BillingEvent) -> Transition:
     _derive_pending_plan(new)
     _remember_recent(new, RecentEvent(id=event.id, type=event.type, created=event.created, outcome=outcome))
     return Transition(
-        state=new, effects=_sync_effects(state, new) + effects, outcome=outcome, warnings=warnings
+        state=new, effects=_quota_effects(state, new) + effects, outcome=outcome, warnings=warnings
     )
 
 
@@ -385,7 +370,7 @@ def apply_resolved_plan(state: PaymentState, event: BillingEvent, plan: str | No
             id=event.id, type=f"{event.type} (plan resolved)", created=event.created, outcome=outcome
         ),
     )
-    return Transition(state=new, effects=_sync_effects(state, new), outcome=outcome, warnings=warnings)
+    return Transition(state=new, effects=_quota_effects(state, new), outcome=outcome, warnings=warnings)
 
 
 def apply_resolved_invoice_kind(state: PaymentState, event: BillingEvent, kind: InvoiceKind) -> Transition:
@@ -406,7 +391,7 @@ def apply_resolved_invoice_kind(state: PaymentState, event: BillingEvent, kind: 
         RecentEvent(id=event.id, type=f"{event.type} (kind {kind})", created=event.created, outcome=outcome),
     )
     return Transition(
-        state=new, effects=_sync_effects(state, new) + effects, outcome=outcome, warnings=warnings
+        state=new, effects=_quota_effects(state, new) + effects, outcome=outcome, warnings=warnings
     )
 
 
@@ -441,7 +426,7 @@ def apply_operator(
         new,
         RecentEvent(id=f"operator:{action}:{at}", type=f"operator.{action}", created=at, outcome="applied"),
     )
-    return Transition(state=new, effects=_sync_effects(state, new), outcome="applied")
+    return Transition(state=new, effects=_quota_effects(state, new), outcome="applied")
 
 
 def record_stripe_refusal(
@@ -644,29 +629,18 @@ def _derive_pending_plan(state: PaymentState) -> None:
         state.pending_plan, state.pending_plan_source = None, None
 
 
-def _sync_effects(before: PaymentState, after: PaymentState) -> list[Effect]:
-    """`SyncBilling` when a synced column changed; `RecomputeQuota` when being blocked or the plan changed."""
+def _quota_effects(before: PaymentState, after: PaymentState) -> list[Effect]:
+    """`RecomputeQuota` when being blocked or unblocked, or the plan changed.
+
+    The billing row needs no effect: the workflow writes whatever of it differs from the state.
+    """
     effects: list[Effect] = []
-    if _synced_columns(before) != _synced_columns(after):
-        effects.append(
-            SyncBilling(
-                plan=after.plan,
-                pending_plan=after.pending_plan,
-                period_end=after.period_end,
-                subscription_id=after.subscription_id,
-                payment_status=after.payment_status,
-            )
-        )
     was_blocked, is_blocked = before.payment_status == "blocked", after.payment_status == "blocked"
     if was_blocked != is_blocked:
         effects.append(RecomputeQuota(reason="blocked" if is_blocked else "unblocked"))
     elif before.plan != after.plan:
         effects.append(RecomputeQuota(reason=f"plan {before.plan} -> {after.plan}"))
     return effects
-
-
-def _synced_columns(state: PaymentState) -> tuple[object, ...]:
-    return (state.plan, state.pending_plan, state.period_end, state.subscription_id, state.payment_status)
 
 
 def _remember_seen(state: PaymentState, event_id: str) -> None:

@@ -1,4 +1,9 @@
-"""Temporal client, search attributes, schedules, and the starters every caller shares."""
+"""Temporal client, search attributes, schedules, and the monthly reset's starter.
+
+The other client-side starters sit beside what they start, in this package: ``reporting`` (Stripe
+reports), ``org_billing`` (the org workflow's signal, update and query), ``usage_batches`` (a pushed
+batch) and ``usage_sync`` (a pull now); ``billing.adapters.notifications`` starts ``notify/{id}``.
+"""
 
 from __future__ import annotations
 
