@@ -28,6 +28,7 @@ from billing.domain.plans import PLANS
 from billing.domain.stripe_events import plan_from_product, price_is_metered
 from billing.models.contracts import PaymentContract
 from billing.models.org_billing import (
+    BILLING_COLUMNS,
     MarkWebhookEventsInput,
     MarkWebhookEventsResult,
     OrgBillingRow,
@@ -92,13 +93,9 @@ class PaymentActivities(PaymentContract):
             cursor = await conn.execute(
                 query("sync_org_billing"),
                 {
+                    **request.model_dump(include=set(BILLING_COLUMNS)),
                     "org_id": request.org_id,
-                    "plan": request.plan,
-                    "pending_plan": request.pending_plan,
                     "period_end": period_end,
-                    "subscription_id": request.subscription_id,
-                    "payment_status": request.payment_status,
-                    "payment_status_reason": request.payment_status_reason,
                     "columns": request.columns,
                     "recompute": request.recompute_quota,
                     "month": parse_month(request.month),

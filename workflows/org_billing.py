@@ -59,6 +59,7 @@ from billing.domain.stripe_events import BillingEvent
 from billing.models.contracts import PaymentContract
 from billing.models.org_billing import (
     BILLING_COLUMNS,
+    BillingColumns,
     FailedInvoice,
     MarkWebhookEventsInput,
     OperatorRequest,
@@ -98,15 +99,15 @@ def reason_text(state: PaymentState) -> str | None:
 
 
 def _billing_view(state: PaymentState) -> dict[str, object]:
-    """The organization_billing columns the workflow owns, as it would write them."""
-    return {
-        "plan": state.plan,
-        "pending_plan": state.pending_plan,
-        "period_end": state.period_end,
-        "subscription_id": state.subscription_id,
-        "payment_status": state.payment_status,
-        "payment_status_reason": reason_text(state),
-    }
+    """The organization_billing columns the workflow owns (BILLING_COLUMNS), as it would write them."""
+    return BillingColumns(
+        plan=state.plan,
+        pending_plan=state.pending_plan,
+        period_end=state.period_end,
+        subscription_id=state.subscription_id,
+        payment_status=state.payment_status,
+        payment_status_reason=reason_text(state),
+    ).model_dump()
 
 
 @workflow.defn
@@ -427,12 +428,7 @@ class OrgBillingWorkflow:
             PaymentContract.sync_org_billing,
             SyncOrgBillingInput(
                 org_id=self._org_id,
-                plan=s.plan,
-                pending_plan=s.pending_plan,
-                period_end=s.period_end,
-                subscription_id=s.subscription_id,
-                payment_status=s.payment_status,
-                payment_status_reason=reason_text(s),
+                **view,
                 columns=columns,
                 recompute_quota=recompute,
                 month=month_key(workflow.now()),

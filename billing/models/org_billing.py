@@ -118,17 +118,24 @@ class OrgBillingRow(Model):
     stripe_customer_id: str | None = None
 
 
-BILLING_COLUMNS = (
-    "plan",
-    "pending_plan",
-    "period_end",
-    "subscription_id",
-    "payment_status",
-    "payment_status_reason",
-)
+class BillingColumns(Model):
+    """The `organization_billing` columns the org workflow owns: its view of them.
+
+    (The SQL function ``sync_org_billing``, in a checksummed migration, takes them one by one.)
+    """
+
+    plan: Plan
+    pending_plan: Plan | None
+    period_end: int | None
+    subscription_id: str | None
+    payment_status: PaymentStatus
+    payment_status_reason: str | None
 
 
-class SyncOrgBillingInput(Model):
+BILLING_COLUMNS: tuple[str, ...] = tuple(BillingColumns.model_fields)
+
+
+class SyncOrgBillingInput(BillingColumns):
     """Write the workflow's view to `organization_billing`; recompute quota flags for `month`.
 
     Only the ``columns`` the workflow changed are written (a missing row is created whole), so a
@@ -136,12 +143,6 @@ class SyncOrgBillingInput(Model):
     """
 
     org_id: str
-    plan: Plan
-    pending_plan: Plan | None
-    period_end: int | None
-    subscription_id: str | None
-    payment_status: PaymentStatus
-    payment_status_reason: str | None
     columns: list[str] = list(BILLING_COLUMNS)
     recompute_quota: bool
     month: str = Field(pattern=MONTH_PATTERN)
