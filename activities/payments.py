@@ -20,8 +20,7 @@ import stripe
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
-from billing.adapters.stripe_client import is_refusal, make_stripe_client
-from billing.core.config import Settings
+from billing.adapters.stripe_client import is_refusal
 from billing.db.sql import query
 from billing.domain.months import parse_month
 from billing.domain.plans import PLANS
@@ -56,9 +55,10 @@ def _describe(exc: stripe.StripeError) -> str:
 class PaymentActivities(PaymentContract):
     """PostgreSQL writes and Stripe calls of the payment state machine."""
 
-    def __init__(self, settings: Settings, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, stripe_client: stripe.StripeClient | None) -> None:
+        """``stripe_client``: the worker's (billing.adapters.stripe_client), None without STRIPE_API_KEY."""
         self.pool = pool
-        self.stripe = make_stripe_client(settings)
+        self.stripe = stripe_client
 
     # ---------------------------------------------------------------- PostgreSQL
 

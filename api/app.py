@@ -15,6 +15,7 @@ from api.errors import EXCEPTION_HANDLERS
 from api.quota import QuotaFastPath
 from api.schemas import openapi_document
 from api.telemetry import TelemetryMiddleware
+from billing.adapters.stripe_client import API_STRIPE_TIMEOUT_SECONDS, make_stripe_client
 from billing.core.config import Settings
 
 
@@ -48,5 +49,7 @@ def create_app(settings: Settings, pool: AsyncConnectionPool, client: Client) ->
     app.state.settings = settings
     app.state.pool = pool
     app.state.client = client
+    # The API's one Stripe client (None without STRIPE_API_KEY): webhook lookups, meter error details.
+    app.state.stripe = make_stripe_client(settings, timeout=API_STRIPE_TIMEOUT_SECONDS)
     app.state.api_token = settings.require_api_token()
     return app

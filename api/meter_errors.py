@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 
 from activities.stripe_reports import identifier_of_key
 from api.errors import ApiError
-from billing.adapters.stripe_client import make_stripe_client
+from billing.adapters.stripe_client import parsing_client
 from billing.db.sql import query
 from billing.observability.telemetry import STRIPE_METER_ERRORS
 
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 METER_ERROR_TYPES = frozenset({"v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found"})
 SIGNATURE_TOLERANCE_SECONDS = 300
 MAX_BODY_BYTES = 1_000_000
-_FETCH_TIMEOUT = 10.0
 
 
 async def stripe_meter_errors(request: Request) -> JSONResponse:
@@ -48,11 +47,9 @@ async def stripe_meter_errors(request: Request) -> JSONResponse:
     header = request.headers.get("stripe-signature")
     if not header:
         raise ApiError(400, "missing Stripe-Signature header")
-    if not hasattr(state, "meter_error_stripe"):
-        state.meter_error_stripe = make_stripe_client(settings, timeout=_FETCH_TIMEOUT)
-    client: stripe.StripeClient | None = state.meter_error_stripe
+    client: stripe.StripeClient | None = state.stripe
     # Without STRIPE_API_KEY the notification is still verified and recorded, without its details.
-    parser = client or stripe.StripeClient("sk_unset_meter_error_parser")
+    parser = parsing_client(client)
     try:
         notification = parser.parse_event_notification(
             body, header, settings.stripe_webhook_secret.get_secret_value(), SIGNATURE_TOLERANCE_SECONDS

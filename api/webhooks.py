@@ -34,7 +34,7 @@ from temporalio.service import RPCError
 
 from api.errors import ApiError
 from api.validation import parse_json, read_body
-from billing.adapters.stripe_client import is_refusal, make_stripe_client
+from billing.adapters.stripe_client import is_refusal
 from billing.core.clock import utcnow
 from billing.db.sql import query
 from billing.domain.ids import canonical_uuid, org_billing_id
@@ -52,8 +52,6 @@ MAX_BODY_BYTES = 1024 * 1024
 # A real header is a timestamp and one or two v1 signatures (about 150 bytes).
 MAX_SIGNATURE_HEADER = 4096
 SIGNAL_TIMEOUT = timedelta(seconds=10)
-# Stripe's own call, made only when neither metadata nor the customer names the org.
-STRIPE_LOOKUP_TIMEOUT = 10.0
 
 
 class _Transient(Exception):
@@ -273,10 +271,7 @@ async def _route_facts(request: Request, org_hint: str | None, customer_id: str 
 
 async def _subscription_org(request: Request, subscription_id: str) -> str | None:
     """The subscription's metadata `organization_id` from Stripe (None without STRIPE_API_KEY)."""
-    app_state = request.app.state
-    if not hasattr(app_state, "webhook_stripe"):
-        app_state.webhook_stripe = make_stripe_client(app_state.settings, timeout=STRIPE_LOOKUP_TIMEOUT)
-    client: stripe.StripeClient | None = app_state.webhook_stripe
+    client: stripe.StripeClient | None = request.app.state.stripe
     if client is None:
         return None
     try:

@@ -24,6 +24,15 @@ def is_refusal(exc: stripe.StripeError) -> bool:
     return status is not None and 400 <= status < 500 and status not in (409, 429)
 
 
+# The API's Stripe reads (a webhook's subscription lookup, a meter error's details) answer a request.
+API_STRIPE_TIMEOUT_SECONDS = 10.0
+
+
+def parsing_client(client: stripe.StripeClient | None) -> stripe.StripeClient:
+    """``client``, or without STRIPE_API_KEY one that only verifies and parses event notifications."""
+    return client or stripe.StripeClient("sk_unset_event_parser")
+
+
 def make_stripe_client(
     settings: Settings, *, timeout: float = STRIPE_TIMEOUT_SECONDS
 ) -> stripe.StripeClient | None:

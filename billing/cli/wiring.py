@@ -51,12 +51,13 @@ def activities(
     """Every activity, bound to its dependencies."""
     resets = ResetActivities(pool, client, task_queue)
     usage = UsageActivities(settings, pool, client, task_queue)
-    payments = PaymentActivities(settings, pool)
+    stripe_client = make_stripe_client(settings)  # one per worker, shared by every Stripe call
+    payments = PaymentActivities(pool, stripe_client)
     reports = StripeReportActivities(
         pool,
         client,
         task_queue,
-        make_stripe_client(settings),
+        stripe_client,
         horizon=settings.report_horizon,
         grace=settings.finalization_grace,
     )
