@@ -123,20 +123,17 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """Print one org's plan, payment status, usage against limits, reports and workflows."""
     from billing.core.clock import current_month
     from billing.core.errors import ConfigError
-    from billing.db.pool import open_pool
+    from billing.db.pool import database_pool
     from billing.orchestration.temporal import connect
     from billing.read.status import add_temporal_view, load_org_status
 
-    pool = await open_pool(settings.require_database_url(), max_size=2)
-    try:
+    async with database_pool(settings, max_size=2) as pool:
         status = await load_org_status(
             pool,
             args.org_id,
             args.month or current_month(),
             stripe_configured=settings.stripe_api_key is not None,
         )
-    finally:
-        await pool.close()
     if status is None:
         raise UserError(f"organization {args.org_id} does not exist")
     try:
@@ -309,18 +306,20 @@ async def cmd_unblock(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _clock_now(settings: Settings) -> datetime:
     """The database clock (``billing_now()``) when DATABASE_URL is set, else this machine's UTC clock."""
+    import psycopg
+
     from billing.core.clock import utcnow
+    from billing.core.errors import ConfigError
+    from billing.db.pool import database_pool
 
     if not settings.database_url:
         return utcnow()
-    import psycopg
-
     try:
-        async with await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=10) as conn:
-            row = await (await conn.execute("SELECT billing_now()")).fetchone()
-    except psycopg.Error:
+        async with database_pool(settings, max_size=1) as pool, pool.connection() as conn:
+            row = await (await conn.execute("SELECT billing_now() AS now")).fetchone()
+    except (ConfigError, psycopg.Error):
         return utcnow()  # the reset itself reports an unreachable database; the SQL claim checks again
-    return row[0] if row else utcnow()
+    return row["now"] if row else utcnow()
 
 
 async def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
@@ -417,24 +416,22 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
     from billing.adapters.stripe_client import make_stripe_client
     from billing.core.errors import ConfigError
-    from billing.db.pool import open_pool
+    from billing.db.pool import database_pool
     from billing.read.reconcile import reconcile
 
     stripe_client = make_stripe_client(settings)
     if stripe_client is None:
         raise ConfigError("STRIPE_API_KEY", "not set (reconcile compares the ledger with Stripe)")
-    pool = await open_pool(settings.require_database_url(), max_size=2)
-    try:
-        report = await reconcile(pool, stripe_client, args.org_id, args.month)
-    except stripe.APIConnectionError:
-        base = settings.stripe_api_base or "https://api.stripe.com"
-        raise UserError(f"cannot reach Stripe at {base}; check the network or STRIPE_API_BASE") from None
-    except stripe.StripeError as exc:
-        raise UserError(
-            f"Stripe answered {exc.http_status or 'nothing'}: {exc.user_message or exc}"
-        ) from None
-    finally:
-        await pool.close()
+    async with database_pool(settings, max_size=2) as pool:
+        try:
+            report = await reconcile(pool, stripe_client, args.org_id, args.month)
+        except stripe.APIConnectionError:
+            base = settings.stripe_api_base or "https://api.stripe.com"
+            raise UserError(f"cannot reach Stripe at {base}; check the network or STRIPE_API_BASE") from None
+        except stripe.StripeError as exc:
+            raise UserError(
+                f"Stripe answered {exc.http_status or 'nothing'}: {exc.user_message or exc}"
+            ) from None
     if args.json:
         data = report.model_dump(mode="json")
         for meter in data["meters"]:
@@ -541,19 +538,16 @@ async def cmd_system(args: argparse.Namespace, settings: Settings) -> int:
     """Sizes of what retention keeps: staged batches and their rows, recorded webhook events."""
     from datetime import UTC
 
-    from billing.db.pool import open_pool
+    from billing.db.pool import database_pool
     from billing.db.sql import query
 
     retention = settings.retention
-    pool = await open_pool(settings.require_database_url(), max_size=1)
-    try:
+    async with database_pool(settings, max_size=1) as pool:
         async with pool.connection() as conn:
             cursor = await conn.execute(
                 query("retention_sizes"), {"retention_seconds": retention.total_seconds()}
             )
             sizes = await cursor.fetchone()
-    finally:
-        await pool.close()
     assert sizes is not None
     days = retention.total_seconds() / 86400
     data = {"retention_days": days, **sizes}
@@ -587,14 +581,11 @@ def _limit(value: str) -> int:
 
 async def cmd_overview(args: argparse.Namespace, settings: Settings) -> int:
     """Orgs blocked and past due, the outbox, this month's resets, webhook and notification backlogs."""
-    from billing.db.pool import open_pool
+    from billing.db.pool import database_pool
     from billing.read.overview import load_overview, overview_text
 
-    pool = await open_pool(settings.require_database_url(), max_size=2)
-    try:
+    async with database_pool(settings, max_size=2) as pool:
         view = await load_overview(pool)
-    finally:
-        await pool.close()
     _print(view, args.json, overview_text(view))
     return 0
 
@@ -602,35 +593,29 @@ async def cmd_overview(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
     """An org's notifications to the product, newest first, with their delivery state."""
     from billing.adapters.notifications import delivery_configured, org_notifications
-    from billing.db.pool import open_pool
+    from billing.db.pool import database_pool
     from billing.db.sql import query
     from billing.read.overview import notifications_text
 
-    pool = await open_pool(settings.require_database_url(), max_size=2)
-    try:
+    async with database_pool(settings, max_size=2) as pool:
         async with pool.connection() as conn:
             exists = await (await conn.execute(query("org_exists"), {"org_id": args.org_id})).fetchone()
         if not exists or not exists["found"]:
             raise UserError(f"organization {args.org_id} does not exist")
         rows = await org_notifications(pool, args.org_id, args.limit)
-    finally:
-        await pool.close()
     _print(rows, args.json, notifications_text(args.org_id, rows, delivery_configured(settings)))
     return 0
 
 
 async def cmd_report_act(args: argparse.Namespace, settings: Settings) -> int:
     """Void, mark sent or send again named Stripe report rows of an org (recorded: who, when, why)."""
-    from billing.db.pool import open_pool
+    from billing.db.pool import database_pool
     from billing.db.report_ops import act_on_rows
 
-    pool = await open_pool(settings.require_database_url(), max_size=2)
-    try:
+    async with database_pool(settings, max_size=2) as pool:
         acted = await act_on_rows(
             pool, args.org_id, args.identifiers, args.action, actor=args.by, reason=args.reason
         )
-    finally:
-        await pool.close()
     done = {"void": "voided", "mark_sent": "marked sent", "resend": "queued to send again"}[args.action]
     lines = [
         f"{row.identifier} {done}" + (f" as {row.new_identifier}" if row.new_identifier else "") for row in acted
@@ -641,20 +626,17 @@ async def cmd_report_act(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_report_list(args: argparse.Namespace, settings: Settings) -> int:
     """List an org's Stripe report rows that are not settled (and the month's rows with --month)."""
-    from billing.db.pool import open_pool
+    from billing.db.pool import database_pool
     from billing.db.sql import query
     from billing.domain.months import parse_month
 
-    pool = await open_pool(settings.require_database_url(), max_size=2)
-    try:
+    async with database_pool(settings, max_size=2) as pool:
         async with pool.connection() as conn:
             params = {"org_id": args.org_id, "month": parse_month(args.month) if args.month else None}
             rows = await (await conn.execute(query("report_rows_of_org"), params)).fetchall()
             actions = await (
                 await conn.execute(query("report_actions_of_org"), {"org_id": args.org_id, "limit": 20})
             ).fetchall()
-    finally:
-        await pool.close()
     if args.json:
         print(json.dumps({"rows": rows, "actions": actions}, indent=2, default=str))
         return 0

@@ -15,7 +15,7 @@ from temporalio.client import Client
 
 from billing.core.config import Settings
 from billing.core.errors import ConfigError
-from billing.db.pool import open_pool
+from billing.db.pool import database_pool
 from billing.orchestration.temporal import connect, ensure_schedules
 
 # How long in-flight HTTP requests get to finish on shutdown before they are cancelled.
@@ -51,12 +51,9 @@ async def open_services(
     if worker_metrics:
         sdk_addr = f"127.0.0.1:{free_local_port()}"
         runtime, sdk_url = temporal_runtime(sdk_addr), f"http://{sdk_addr}/metrics"
-    pool = await open_pool(settings.require_database_url(), max_size=pool_size)
-    try:
+    async with database_pool(settings, max_size=pool_size) as pool:
         client = await connect(settings, runtime=runtime)
         yield Services(settings, pool, client, sdk_url)
-    finally:
-        await pool.close()
 
 
 def _metrics_listen(settings: Settings) -> tuple[str, int] | None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from billing.core.config import Settings
 from billing.core.errors import ConfigError
 
 
@@ -63,6 +65,19 @@ async def open_pool(
         await pool.close()
         raise ConfigError(setting, f"PostgreSQL at {describe_url(url)} does not answer ({exc})") from None
     return pool
+
+
+@contextlib.asynccontextmanager
+async def database_pool(settings: Settings, *, max_size: int = 2) -> AsyncIterator[AsyncConnectionPool]:
+    """A command's pool on DATABASE_URL (ConfigError if unset or unreachable), closed when it is done.
+
+    The one way the CLI reaches PostgreSQL (billing.cli.services.open_services uses it too).
+    """
+    pool = await open_pool(settings.require_database_url(), max_size=max_size)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 def check_connect(url: str, *, setting: str = "DATABASE_URL") -> psycopg.Connection:
