@@ -33,7 +33,7 @@ from billing.db.sql import query
 from billing.domain.months import month_key, parse_month, previous_month
 from billing.models import MonthlyCloseInput
 from billing.orchestration.temporal import CONCURRENT_STARTS
-from billing.testing.scratch import scratch_database, temporal_dev_server
+from billing.testing.scratch import scratch_database, throwaway_temporal_server
 from workflows.monthly_close import MonthlyCloseWorkflow
 
 
@@ -112,7 +112,7 @@ async def main(argv: list[str] | None = None) -> int:
 
     async with contextlib.AsyncExitStack() as stack:
         url = stack.enter_context(scratch_database("bench_close"))
-        env = await stack.enter_async_context(temporal_dev_server())
+        env = await stack.enter_async_context(throwaway_temporal_server())
         pool = await open_pool(url, max_size=20)
         stack.push_async_callback(pool.close)
         queue = f"bench-{uuid.uuid4().hex[:8]}"

@@ -32,7 +32,7 @@ import httpx
 import psycopg
 
 from billing.db.sql import query
-from billing.testing.scratch import scratch_database, temporal_dev_server
+from billing.testing.scratch import scratch_database, throwaway_temporal_server
 
 TOKEN = "bench-quota-token"
 MESSAGES = "/api/v1/session/{}/messages"
@@ -123,7 +123,7 @@ async def main(argv: list[str] | None = None) -> int:
 
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(scratch_database("bench_quota"))
-        async with temporal_dev_server() as temporal:
+        async with throwaway_temporal_server() as temporal:
             org_ids = [str(uuid.uuid4()) for _ in range(args.projects // 10)]
             project_orgs = [org for org in org_ids for _ in range(10)]
             project_ids = [str(uuid.uuid4()) for _ in project_orgs]

@@ -50,6 +50,7 @@ from typing import Any
 import httpx
 import psycopg
 
+from billing.db.sql import query
 from billing.domain.payment_state import PaymentState, apply_event
 from billing.domain.plans import PLANS
 from billing.domain.stripe_events import parse_event
@@ -75,17 +76,6 @@ LIMITS = {
     "team": {"task.created": 120, "space.learned": 60, "search.experience.embedding": 150, "search.experience.agentic": 40},
 }
 READY_SECONDS = 90.0
-# The core service's metrics table (pull mode reads it through BILLING_METRICS_SOURCE_URL).
-CORE_SCHEMA = """
-CREATE TABLE metrics (
-    project_id  uuid NOT NULL,
-    tag         text NOT NULL,
-    increment   bigint NOT NULL,
-    created_at  timestamptz NOT NULL,
-    updated_at  timestamptz NOT NULL,
-    PRIMARY KEY (project_id, tag, created_at)
-)
-"""
 CORE_UPSERT = """
 INSERT INTO metrics (project_id, tag, increment, created_at, updated_at) VALUES (%s, %s, %s, %s, clock_timestamp())
 ON CONFLICT (project_id, tag, created_at)
@@ -862,7 +852,7 @@ def run(seed: int, minutes: float, orgs: int, concurrency: int, chaos: bool, dra
         fresh_database(admin, migrated=False, prefix="billing_soak_core") as core_url,
     ):
         with psycopg.connect(core_url, autocommit=True) as conn:
-            conn.execute(CORE_SCHEMA)
+            conn.execute(query("core_metrics_table"))
         system = System(Path(tmp), url, f"soak-{seed}", core_url)
         try:
             log(f"seed {seed}: starting Temporal, 2 workers, the API and the test Stripe server")

@@ -23,7 +23,7 @@ from billing.core.config import Settings
 from billing.db.pool import open_pool
 from billing.models.stripe_report import ReportTuning, StripeReportResult
 from billing.orchestration.reporting import start_stripe_reports
-from billing.testing.scratch import scratch_database, temporal_dev_server
+from billing.testing.scratch import scratch_database, throwaway_temporal_server
 from billing.testing.stripe_server import FakeStripe
 from worker import build_worker
 
@@ -125,7 +125,7 @@ async def run(orgs: int, rows: int) -> None:
     """Run both measurements and print them with their ratio."""
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     with scratch_database("bench_stripe") as url, FakeStripe() as fake:
-        async with temporal_dev_server() as env:
+        async with throwaway_temporal_server() as env:
             through, settings = await workflow_rate(url, env, fake, orgs, rows, hour)
             raw = await raw_rate(settings, fake, orgs, rows, hour)
         counted = len(fake.meter_events)

@@ -31,7 +31,7 @@ from billing.db.pool import open_pool
 from billing.db.sql import query
 from billing.models.usage_sync import UsageSyncResult
 from billing.orchestration.usage_batches import ParsedBatch, StagedRow, run_usage_sync, stage_batch
-from billing.testing.scratch import scratch_database, temporal_dev_server
+from billing.testing.scratch import scratch_database, throwaway_temporal_server
 from worker import build_worker
 
 COUNTERS = ("search.experience.agentic", "search.experience.embedding", "space.learned", "task.created")
@@ -129,7 +129,7 @@ async def main(argv: list[str] | None = None) -> int:
 
     async with contextlib.AsyncExitStack() as stack:
         url = stack.enter_context(scratch_database("bench_sync"))
-        env = await stack.enter_async_context(temporal_dev_server())
+        env = await stack.enter_async_context(throwaway_temporal_server())
         pool = await open_pool(url, max_size=10)
         stack.push_async_callback(pool.close)
         settings = Settings.load(

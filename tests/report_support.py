@@ -67,10 +67,11 @@ async def queue_rows(
 
 
 async def outbox(pool: AsyncConnectionPool, org_id: str) -> list[dict[str, Any]]:
-    """The org's outbox rows in id order."""
+    """The org's outbox rows in id order: what was queued (by whom, for when) and how sending went."""
     async with pool.connection() as conn:
         cursor = await conn.execute(
-            "SELECT id, identifier, tag, quantity, status, status_reason, stripe_response, attempts, sent_at"
+            "SELECT id, identifier, tag, month, quantity, event_timestamp, report_hour, source,"
+            " status, status_reason, stripe_response, attempts, sent_at"
             " FROM stripe_report_outbox WHERE organization_id = %s ORDER BY id",
             [org_id],
         )

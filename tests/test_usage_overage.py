@@ -14,12 +14,12 @@ from billing.domain.months import month_key
 from billing.orchestration.temporal import start_monthly_reset
 from billing.orchestration.usage_batches import batch_id_of
 from tests.factories import make_org
+from tests.report_support import outbox
 from tests.usage_support import (
     day_start,
     http,
     last_month_day,
     month_start,
-    outbox,
     push,
     row,
     utc_now,

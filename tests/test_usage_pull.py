@@ -18,6 +18,7 @@ from temporalio.worker import Worker
 
 from billing.cli import main as cli
 from billing.core.config import Settings
+from billing.db.sql import query
 from billing.domain.ids import monthly_reset_id
 from billing.domain.months import month_key
 from billing.models.usage_sync import PullSyncInput, PullSyncResult
@@ -27,23 +28,12 @@ from tests.factories import make_org
 from tests.usage_support import day_start, month_start, org_usage, utc_now
 from workflows.usage_sync import PullUsageSyncWorkflow
 
-CORE_SCHEMA = """
-CREATE TABLE metrics (
-    project_id  uuid NOT NULL,
-    tag         text NOT NULL,
-    increment   bigint NOT NULL,
-    created_at  timestamptz NOT NULL,
-    updated_at  timestamptz NOT NULL,
-    PRIMARY KEY (project_id, tag, created_at)
-)
-"""
-
 
 @pytest.fixture
 def core_url(postgres_admin_url: str) -> Iterator[str]:
     """A database of the core service with its metrics table."""
     with fresh_database(postgres_admin_url, migrated=False) as url, psycopg.connect(url) as conn:
-        conn.execute(CORE_SCHEMA)
+        conn.execute(query("core_metrics_table"))
         conn.commit()
         yield url
 

@@ -127,17 +127,6 @@ async def flags(pool: AsyncConnectionPool, org_id: str) -> list[tuple[str, str, 
     return [(r["project_id"], r["tag"], r["reason"]) for r in rows]
 
 
-async def outbox(pool: AsyncConnectionPool, org_id: str) -> list[dict[str, Any]]:
-    async with pool.connection() as conn:
-        return await (
-            await conn.execute(
-                "SELECT tag, month, quantity, event_timestamp, report_hour, source, identifier"
-                " FROM stripe_report_outbox WHERE organization_id = %s ORDER BY id",
-                [org_id],
-            )
-        ).fetchall()
-
-
 _SNAPSHOT_TABLES = (
     ("project_usage", "project_id, tag, month, value"),
     ("org_usage", "organization_id, tag, month, value"),

