@@ -407,7 +407,7 @@ class StripeReportActivities(StripeReportContract):
     @activity.defn
     async def queue_storage_overage(self, request: QueueStorageOverageInput) -> QueueStorageOverageResult:
         """Queue every missed storage hour up to ``request.hour`` per paid org over its storage limit, in
-        one statement (see sql/queries/queue_storage_overage.sql)."""
+        one statement (see sql/queries/stripe_reports/queue_storage_overage.sql)."""
         hour = parse_hour(request.hour)
         # An hour ahead of the clock would bill storage not yet held, and Stripe refuses timestamps more
         # than five minutes ahead anyway.

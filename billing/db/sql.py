@@ -24,9 +24,29 @@ QUERIES_DIR = SQL_DIR / "queries"
 
 
 @cache
+def _query_files() -> dict[str, Path]:
+    """Query name -> file: ``sql/queries/{concern}/{name}.sql`` (or directly in queries/); names are
+    unique across the folders, so a query moves between them without its callers changing."""
+    found: dict[str, Path] = {}
+    for path in sorted(QUERIES_DIR.rglob("*.sql")):
+        if path.stem in found:
+            raise RuntimeError(f"two queries named {path.stem!r}: {found[path.stem]} and {path}")
+        found[path.stem] = path
+    return found
+
+
+@cache
 def query(name: str) -> str:
-    """The text of ``sql/queries/{name}.sql``."""
-    return (QUERIES_DIR / f"{name}.sql").read_text()
+    """The text of the named query, ``sql/queries/**/{name}.sql``."""
+    try:
+        return _query_files()[name].read_text()
+    except KeyError:
+        raise KeyError(f"no query {name!r} under {QUERIES_DIR}") from None
+
+
+def query_names() -> list[str]:
+    """Every named query, for checks."""
+    return sorted(_query_files())
 
 
 def migration_files() -> list[Path]:

@@ -147,7 +147,7 @@ def overview_families(row: dict[str, Any] | None) -> list[Metric]:
 
 
 async def read_overview(pool: AsyncConnectionPool, limit: int = 20) -> dict[str, Any]:
-    """One row of the overview query (see sql/queries/overview.sql)."""
+    """One row of the overview query (see sql/queries/read/overview.sql)."""
     async with pool.connection() as conn:
         row = await (await conn.execute(query("overview"), {"limit": limit})).fetchone()
     assert row is not None

@@ -20,7 +20,7 @@ def _age(seconds: float | None) -> str:
 
 
 async def load_overview(pool: AsyncConnectionPool, limit: int = 20) -> dict[str, Any]:
-    """The overview as JSON-ready data (see sql/queries/overview.sql)."""
+    """The overview as JSON-ready data (see sql/queries/read/overview.sql)."""
     row = await read_overview(pool, limit)
     by_status = row["orgs_by_payment_status"]
     return {
