@@ -39,7 +39,6 @@ from workflows.stripe_report import StripeReportWorkflow
 OUTBOX_STATES = ("pending", "waiting_for_customer", "sending", "uncertain", "failed")
 
 
-
 @dataclass(frozen=True)
 class ReportStarts:
     """Which workflows a call started, and for how many orgs a report was already running."""
