@@ -4,6 +4,8 @@ naming another org is a recorded mismatch; a livemode other than the key's is re
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +20,7 @@ from billing.months import month_key
 from billing.status import load_org_status
 from tests import stripe_payloads as sp
 from tests.factories import make_org
+from tests.report_support import counted_identifiers, outbox, queue_rows
 from tests.stripe_server import FakeStripe
 from tests.test_webhooks import _workflow_exists
 from tests.webhook_support import T0, customer_of, harness, paid_org
@@ -146,3 +149,23 @@ async def test_an_event_of_the_other_mode_than_the_key_is_answered_200_and_recor
 def test_the_mode_of_the_stripe_key(key: str | None, live: bool | None) -> None:
     settings = Settings.model_construct(stripe_api_key=SecretStr(key) if key else None)
     assert key_livemode(settings) is live
+
+
+async def test_overage_waiting_for_a_customer_goes_to_the_customer_a_webhook_teaches_the_org(
+    database_url: str, pool: AsyncConnectionPool, client: Client, fake: FakeStripe
+) -> None:
+    """Issue 9, finding 1: an org matched to Stripe by `metadata.organization_id` (no customer recorded)
+    queues overage; it waits (never skipped), and once a webhook teaches the org its customer, the org's
+    report is started at once and every unit reaches that customer, exactly once."""
+    org = await make_org(pool, plan="pro", projects=1)  # matched by metadata only: no customer yet
+    identifiers = await queue_rows(pool, org.id, [700, 50])
+    customer = fake.add_customer()
+    async with harness(database_url, pool, client, fake=fake) as h:
+        await h.deliver(metered_failure(customer, org.id, invoice_id="in_learn_then_send"))
+        await h.settle(org.id)
+        deadline = time.monotonic() + 60
+        while [row["status"] for row in await outbox(pool, org.id)] != ["sent", "sent"]:
+            assert time.monotonic() < deadline, await outbox(pool, org.id)
+            await asyncio.sleep(0.1)
+    assert counted_identifiers(fake) == identifiers
+    assert fake.total(customer, "agent_tasks") == 750

@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
 
     from billing.temporal import ORG_ID, PAYMENT_STATUS
 
+from billing.hours import hour_key
 from billing.models_billing import (
     BILLING_COLUMNS,
     FailedInvoice,
@@ -58,6 +59,7 @@ from billing.models_billing import (
     SyncOrgBillingInput,
     SyncOrgBillingResult,
 )
+from billing.models_stripe import StartReportsResult, StartStripeReportsInput
 from billing.months import month_key
 from billing.stripe_events import BillingEvent
 from workflows.common import run_db_activity
@@ -461,6 +463,15 @@ class OrgBillingWorkflow:
         self._written = view
         self._written_customer = s.stripe_customer_id
         self._recompute_pending = False
+        # Overage queued while the org had no customer waits for one (issue 9): now that it may have
+        # one, its report goes out at once rather than at the next hourly run. Patched: histories
+        # recorded before this step learned customers without it.
+        if customer is not None and workflow.patched("report-once-a-customer-is-learned"):
+            await run_db_activity(
+                "start_stripe_reports",
+                StartStripeReportsInput(org_ids=[self._org_id], hour=hour_key(workflow.now())),
+                StartReportsResult,
+            )
 
     async def _flush_marks(self) -> None:
         """Mark the processed webhook events in PostgreSQL, in one transaction for the batch."""
