@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -26,7 +27,7 @@ from billing.report_ops import act_on_rows
 from billing.reporting import start_stripe_reports
 from billing.status import load_org_status
 from billing.stripe_client import make_stripe_client
-from tests.conftest import API_TOKEN, running_worker
+from tests.conftest import API_TOKEN, make_settings, running_worker
 from tests.factories import make_org
 from tests.report_support import (
     FAST,
@@ -546,3 +547,160 @@ def test_the_horizon_and_the_finalization_grace_are_durations_and_bad_values_nam
         with pytest.raises(ConfigError) as raised:
             Settings.load(**{name: value})
         assert str(raised.value) == f"{name}: {message}"
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Wait for a condition the product guarantees (the bound only turns a hang into a failure)."""
+    for _ in range(1200):
+        if await condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never happened: {what}")
+
+
+def _meter_calls(fake: FakeStripe) -> list[tuple[str, int | None, str | None]]:
+    """(identifier, status, Idempotency-Key) of every answered meter-event request, in arrival order."""
+    return [
+        (r.params.get("identifier", ""), r.status, r.idempotency_key)
+        for r in fake.requests
+        if r.path == METER_EVENTS and r.status is not None
+    ]
+
+
+async def _refused_and_waiting(
+    pool: AsyncConnectionPool, fake: FakeStripe, org_id: str, status: int, reason: str
+) -> None:
+    """Wait until Stripe refused the first row with ``status`` three times (Temporal retried it) and
+    its row says so; then no row is sent, failed or voided and nothing was counted."""
+
+    async def refused_thrice() -> bool:
+        return sum(1 for _, answered, _ in _meter_calls(fake) if answered == status) >= 3
+
+    async def recorded() -> bool:
+        return (await outbox(pool, org_id))[0]["status_reason"] == reason
+
+    await _until(refused_thrice, f"three {status} answers")
+    await _until(recorded, f"the first row's reason {reason!r}")
+    rows = await outbox(pool, org_id)
+    assert {r["status"] for r in rows} <= {"pending", "sending"}
+    assert [r["status_reason"] for r in rows[1:]] == [None] * (len(rows) - 1)  # never called
+    assert fake.meter_events == []
+
+
+async def test_a_rotated_key_401_keeps_rows_pending_and_retrying_and_the_new_key_sends_each_row_once(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    """README: 401 (bad, revoked key) -> rows stay pending, retried; fix STRIPE_API_KEY, restart the
+    workers: the running report sends every row, each counted once."""
+    hour = this_hour()
+    new_key = "sk_test_rotated_key"
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [2, 3], hour=hour)
+        fake.set_api_key(new_key)  # the key the workers hold was rolled in Stripe
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            starts = await start_stripe_reports(client, settings.task_queue, [org.id], hour, tuning=FAST)
+            await _refused_and_waiting(
+                pool,
+                fake,
+                org.id,
+                401,
+                f"will retry: 401 Invalid API Key provided: {TEST_KEY[:8]}****{TEST_KEY[-4:]}",
+            )
+        refused = _meter_calls(fake)
+        # Every refusal was the first row's, under its first key: a 401 is not stored, the key is kept.
+        assert {(i, s, k) for i, s, k in refused} == {(identifiers[0], 401, idempotency_key(identifiers[0]))}
+        # The workers restart with the new key, on the same task queue: the same report finishes.
+        fixed = make_settings(
+            database_url,
+            client,
+            STRIPE_API_KEY=new_key,
+            STRIPE_API_BASE=fake.url,
+            BILLING_TASK_QUEUE=settings.task_queue,
+        )
+        async with running_worker(fixed, pool, client):
+            result = await client.get_workflow_handle(
+                starts.workflow_ids[0], result_type=StripeReportResult
+            ).result()
+        assert (result.sent, result.deduplicated, result.failed, result.pending) == (2, 0, 0, 0)
+        assert counted_identifiers(fake) == identifiers
+        assert fake.total(customer, "agent_tasks") == 5
+        accepted = [(i, s) for i, s, _ in _meter_calls(fake)[len(refused) :] if s != 401]
+        assert accepted == [(identifiers[0], 200), (identifiers[1], 200)]
+        assert [r["status"] for r in await outbox(pool, org.id)] == ["sent", "sent"]
+
+
+async def test_a_restricted_key_403_keeps_rows_pending_and_retrying_until_granted_then_sends_each_row_once(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    """README: 403 (restricted key without the permission) -> like a 429: rows stay pending and are
+    retried with the same key; once the key may write meter events, each row is counted once."""
+    hour = this_hour()
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [4, 6], hour=hour)
+        fake.forbid_key(TEST_KEY, path_prefix=METER_EVENTS)
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            starts = await start_stripe_reports(client, settings.task_queue, [org.id], hour, tuning=FAST)
+            await _refused_and_waiting(
+                pool,
+                fake,
+                org.id,
+                403,
+                f"will retry: 403 The provided key '{TEST_KEY[:8]}****{TEST_KEY[-4:]}' does not have the "
+                "required permissions for this endpoint.",
+            )
+            fake.allow_key(TEST_KEY)  # the permission is granted in the dashboard; no restart
+            result = await client.get_workflow_handle(
+                starts.workflow_ids[0], result_type=StripeReportResult
+            ).result()
+        assert (result.sent, result.deduplicated, result.failed, result.pending) == (2, 0, 0, 0)
+        assert counted_identifiers(fake) == identifiers
+        assert fake.total(customer, "agent_tasks") == 10
+        calls = _meter_calls(fake)
+        refused = [c for c in calls if c[1] == 403]
+        assert len(refused) >= 3
+        assert {c for c in refused} == {(identifiers[0], 403, idempotency_key(identifiers[0]))}
+        # Every 403 came before the first success, and each row succeeded once, under its first key.
+        assert calls[len(refused) :] == [
+            (identifiers[0], 200, idempotency_key(identifiers[0])),
+            (identifiers[1], 200, idempotency_key(identifiers[1])),
+        ]
+        assert await _rows(pool, org.id, "status", "key_generation", "attempts") == [
+            ("sent", 0, len(refused) + 1),
+            ("sent", 0, 1),
+        ]
+
+
+async def test_a_409_key_in_use_is_retried_under_the_same_key_and_the_row_counted_once(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    """README: 409 (key in use) -> refused in front of the API, pending with "will retry", same key,
+    Temporal backs off; the retry is counted once."""
+    hour = this_hour()
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [7, 9], hour=hour)
+        fake.fail_next(2, status=409, path_prefix=METER_EVENTS)
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            result = await report(client, settings, org.id, hour=hour)
+    assert (result.sent, result.deduplicated, result.failed, result.pending) == (2, 0, 0, 0)
+    assert counted_identifiers(fake) == identifiers
+    assert fake.total(customer, "agent_tasks") == 16
+    first_key = idempotency_key(identifiers[0])
+    assert _meter_calls(fake) == [
+        (identifiers[0], 409, first_key),
+        (identifiers[0], 409, first_key),
+        (identifiers[0], 200, first_key),
+        (identifiers[1], 200, idempotency_key(identifiers[1])),
+    ]
+    assert await _rows(pool, org.id, "status", "key_generation", "attempts", "status_reason") == [
+        ("sent", 0, 3, None),
+        ("sent", 0, 1, None),
+    ]
