@@ -1,6 +1,6 @@
 """Benchmark: signed Stripe webhook deliveries, as deployed, against the signal-with-start ceiling.
 
-    python -m bench.webhooks [--deliveries 2000] [--orgs 50] [--concurrency 32]
+    python -m bench.webhooks [--deliveries 2000] [--orgs 50] [--concurrency 32] [--worker-late]
 
 The deployment shape README tells operators to run: on one fresh database (billing/scratch.py) and its
 own Temporal dev server, ``billing api`` (uvicorn, uvloop + httptools) and ``billing worker`` each run as
@@ -13,7 +13,10 @@ signal); **end to end**, until every event is ``applied`` in PostgreSQL by its o
 row, quota flags and the webhook log written), both from the load generator's first request; POST
 latency p50/p99; and the **ceiling**: raw signal-with-start calls of the same events to the same org
 workflows, straight to Temporal from this process at the same concurrency, in the same run (after the
-deliveries, so the workflows drop them as duplicates). Ratios are printed against the ceiling.
+deliveries, so the workflows drop them as duplicates). Ratios are printed against the ceiling, and
+where the CPU went in each phase (each process, PostgreSQL's backends of this database, and the rest
+of the machine). ``--worker-late`` starts the worker only once every POST was answered: the accept
+path measured without the worker's load on Temporal (end to end then includes the worker's start).
 """
 
 from __future__ import annotations
@@ -78,6 +81,65 @@ def _event(org_id: str, i: int) -> dict:
     }
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` has used so far; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _machine() -> tuple[float, float]:
+    """Busy and idle CPU seconds of the whole machine so far (all cores)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / _TICKS, idle / _TICKS
+
+
+class CpuMeter:
+    """Where the CPU goes during a phase: each named process, PostgreSQL's backends serving the
+    benchmark's database, and the rest of the machine (other work sharing it)."""
+
+    def __init__(self, url: str, pids: dict[str, int]) -> None:
+        self._url, self._pids = url, pids
+        self._start: dict[str, float] = {}
+        self._backends: dict[int, float] = {}
+
+    def _backend_pids(self) -> list[int]:
+        with psycopg.connect(self._url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def start(self) -> None:
+        """Take the starting readings."""
+        self._start = {name: _cpu(pid) for name, pid in self._pids.items()}
+        self._backends = {pid: _cpu(pid) for pid in self._backend_pids()}
+        self._start["machine"], self._start["idle"] = _machine()
+        self._started = time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds used since ``start`` by each process, ``postgres``, ``rest`` and ``wall``."""
+        used = {name: _cpu(pid) - self._start[name] for name, pid in self._pids.items()}
+        used["postgres"] = sum(_cpu(pid) - self._backends.get(pid, 0.0) for pid in self._backend_pids())
+        busy, idle = _machine()
+        used["wall"] = time.perf_counter() - self._started
+        used["machine busy"] = busy - self._start["machine"]
+        used["machine idle"] = idle - self._start["idle"]
+        used["rest"] = used["machine busy"] - sum(used[name] for name in [*self._pids, "postgres"])
+        return used
+
+
+def _cpu_line(used: dict[str, float]) -> str:
+    parts = [f"{name} {seconds:.1f}" for name, seconds in used.items() if name not in ("wall",)]
+    return f"{used['wall']:.1f} s wall, CPU s: " + ", ".join(parts)
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -121,6 +183,19 @@ async def _wait_applied(url: str, n: int, limit: float) -> float:
     raise RuntimeError(f"not every event applied after {limit:.0f} s")
 
 
+def _temporal_pid() -> int:
+    """The Temporal dev server this process started (a child of it)."""
+    for child in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (child / "stat").read_text()
+            cmdline = (child / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == os.getpid() and b"start-dev" in cmdline:
+            return int(child.name)
+    return 0
+
+
 async def _ceiling(
     client: Client, task_queue: str, events: list[BillingEvent], concurrency: int
 ) -> tuple[float, list[float]]:
@@ -140,7 +215,7 @@ async def _ceiling(
     return time.perf_counter() - start, latencies
 
 
-async def run(deliveries: int, orgs: int, concurrency: int) -> int:
+async def run(deliveries: int, orgs: int, concurrency: int, *, worker_late: bool = False) -> int:
     """Run the benchmark and print the figures."""
     bin_dir = Path(sys.executable).parent
     with contextlib.ExitStack() as stack:
@@ -174,12 +249,15 @@ async def run(deliveries: int, orgs: int, concurrency: int) -> int:
                 "BILLING_WORKER_METRICS_ADDR": f"127.0.0.1:{free_port()}",
                 "STRIPE_WEBHOOK_SECRET": SECRET,
             }
-            processes = [start([str(bin_dir / "billing"), "worker"], environ)]
-            processes.append(start([str(bin_dir / "billing"), "api"], environ))
+            worker_command = [str(bin_dir / "billing"), "worker"]
+            api = start([str(bin_dir / "billing"), "api"], environ)
+            processes = [api]
             try:
-                await _wait_http(port, processes[1])
-                if processes[0].poll() is not None:
-                    raise RuntimeError(f"billing worker exited with {processes[0].returncode}")
+                if not worker_late:
+                    processes.append(start(worker_command, environ))
+                await _wait_http(port, api)
+                if processes[-1].poll() is not None:
+                    raise RuntimeError(f"billing worker exited with {processes[-1].returncode}")
                 # Signed now: the load generator starts at once, well within the 300 s tolerance.
                 posts.write_text(
                     "".join(
@@ -194,25 +272,42 @@ async def run(deliveries: int, orgs: int, concurrency: int) -> int:
                         for body in bodies
                     )
                 )
+                meter = CpuMeter(
+                    url,
+                    {
+                        "billing api": api.pid,
+                        **({} if worker_late else {"billing worker": processes[-1].pid}),
+                        "temporal": _temporal_pid(),
+                        "bench": os.getpid(),
+                    },
+                )
+                meter.start()
                 loadgen = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "bench.loadgen", "--port", str(port), "--posts-file", str(posts),
                     "--concurrency", str(concurrency),
                     stdout=asyncio.subprocess.PIPE,
                 )  # fmt: skip
-                applied_task = asyncio.create_task(_wait_applied(url, len(bodies), limit=600))
+                if not worker_late:
+                    applied_task = asyncio.create_task(_wait_applied(url, len(bodies), limit=600))
                 out, _ = await loadgen.communicate()
                 if loadgen.returncode:
                     raise RuntimeError(f"bench.loadgen exited with {loadgen.returncode}")
                 posted = json.loads(out)
+                accept_cpu = meter.stop()
+                if worker_late:
+                    processes.append(start(worker_command, environ))
+                    applied_task = asyncio.create_task(_wait_applied(url, len(bodies), limit=600))
                 applied_at = await applied_task
                 statuses = posted["statuses"]
                 if statuses != {"200": len(bodies)}:
                     raise RuntimeError(f"not every POST was answered 200: {statuses}")
 
                 events = [parse_event(json.loads(body)) for body in bodies]
+                meter.start()
                 raw_seconds, raw_latencies = await _ceiling(
                     temporal.client, task_queue, [e for e in events if e is not None], concurrency
                 )
+                ceiling_cpu = meter.stop()
                 applied_after = await _applied(url)
             finally:
                 for process in processes:
@@ -227,6 +322,7 @@ async def run(deliveries: int, orgs: int, concurrency: int) -> int:
     print(
         f"webhook benchmark: {n} signed deliveries over {orgs} orgs, {concurrency} concurrent, "
         "billing api and billing worker as processes of their own"
+        + (" (the worker started only once every POST was answered)" if worker_late else "")
     )
     print(f"  accepted (every POST answered 200):        {accept_rate:8,.0f} deliveries/s ({accepted:.2f} s)")
     print(f"  end to end (every event applied in PG):    {e2e_rate:8,.0f} deliveries/s ({end_to_end:.2f} s)")
@@ -240,6 +336,8 @@ async def run(deliveries: int, orgs: int, concurrency: int) -> int:
     print(f"  ratio accepted / ceiling:   {accept_rate / raw_rate:.2f}   (target 0.8)")
     print(f"  ratio end to end / ceiling: {e2e_rate / raw_rate:.2f}   (target 0.5)")
     print(f"  POST p99 {posted['p99_ms']:.0f} ms                (target under 250 ms)")
+    print(f"  where the CPU went while deliveries were accepted: {_cpu_line(accept_cpu)}")
+    print(f"  where the CPU went during the ceiling:            {_cpu_line(ceiling_cpu)}")
     if applied_after != n:
         print(f"  WARNING: {applied_after} events applied after the ceiling, expected {n}")
         return 1
@@ -252,8 +350,13 @@ def main() -> int:
     parser.add_argument("--deliveries", type=int, default=2000)
     parser.add_argument("--orgs", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--worker-late",
+        action="store_true",
+        help="start the worker only once every POST was answered: the accept path without the worker's load",
+    )
     args = parser.parse_args()
-    return asyncio.run(run(args.deliveries, args.orgs, args.concurrency))
+    return asyncio.run(run(args.deliveries, args.orgs, args.concurrency, worker_late=args.worker_late))
 
 
 if __name__ == "__main__":
