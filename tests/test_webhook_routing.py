@@ -169,3 +169,44 @@ async def test_overage_waiting_for_a_customer_goes_to_the_customer_a_webhook_tea
             await asyncio.sleep(0.1)
     assert counted_identifiers(fake) == identifiers
     assert fake.total(customer, "agent_tasks") == 750
+
+
+async def test_an_unmatched_event_redelivered_once_its_org_is_known_is_recorded_anew_and_applied(
+    database_url: str, pool: AsyncConnectionPool, client: Client
+) -> None:
+    org = await make_org(pool, plan="pro", projects=1)
+    event = metered_failure("cus_routing_later_1", None)
+    async with harness(database_url, pool, client) as h:
+        first = await h.post(event)
+        assert (first.status_code, first.json()["status"]) == (200, "unmatched")
+        assert (await h.webhook_rows(None))[event["id"]][0] == "unmatched"
+        async with pool.connection() as conn:
+            await conn.execute(
+                "UPDATE organization_billing SET stripe_customer_id = 'cus_routing_later_1'"
+                " WHERE organization_id = %s",
+                [org.id],
+            )
+        # Stripe's redelivery now routes to the org: the row is recorded anew for it, and applied.
+        await h.deliver(event)
+        assert (await h.settle(org.id)).payment_status == "blocked"
+        assert (await h.webhook_rows(org.id))[event["id"]] == ("applied", "applied")
+        assert event["id"] not in await h.webhook_rows(None)
+
+
+async def test_concurrent_deliveries_of_one_event_are_all_answered_200_and_applied_once(
+    database_url: str, pool: AsyncConnectionPool, client: Client
+) -> None:
+    org = await paid_org(pool)
+    event = metered_failure(customer_of(org.id), org.id)
+    async with harness(database_url, pool, client) as h:
+        answers = await asyncio.gather(*(h.post(event) for _ in range(8)))
+        assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
+        assert all(a.json()["ok"] is True for a in answers)
+        h.delivered.add(event["id"])
+        view = await h.settle(org.id)
+        assert view.payment_status == "blocked"
+        assert view.events_applied >= 1
+        assert await h.webhook_rows(org.id) == {event["id"]: ("applied", "applied")}
+        # Once applied, a redelivery is answered at once as a duplicate.
+        again = await h.post(event)
+        assert again.json()["duplicate"] is True
