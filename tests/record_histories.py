@@ -52,8 +52,12 @@ from workflows.usage_sync import PullUsageSyncWorkflow
 HISTORIES = Path(__file__).resolve().parent / "histories"
 
 
-async def record_org_billing() -> Path:
-    """Metered and plan failures (both shapes), a Stripe refusal, operator block/unblock, payments."""
+async def record_org_billing(name: str = "org_billing") -> Path:
+    """Metered and plan failures (both shapes), a Stripe refusal, operator block/unblock, payments.
+
+    ``org_billing.json`` predates the `org-billing-db-local-first` patch (regular database activities);
+    ``org_billing_local_first.json`` was recorded with it (``record_org_billing("org_billing_local_first")``).
+    """
     async with throwaway_temporal_server() as env:
         with scratch_database() as url:
             pool = await open_pool(url, max_size=5)
@@ -92,10 +96,7 @@ async def record_org_billing() -> Path:
                     history = await handle.fetch_history()
             finally:
                 await pool.close()
-    HISTORIES.mkdir(exist_ok=True)
-    path = HISTORIES / "org_billing.json"
-    path.write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
-    return path
+    return _save(name, history)
 
 
 def _save(name: str, history: WorkflowHistory) -> Path:

@@ -11,8 +11,18 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
 from billing.core.clock import current_month
+from billing.domain.ids import stripe_report_id
+from billing.models.stripe_report import StorageOverageInput, StorageOverageResult, StripeReportResult
 from billing.testing import stripe_payloads as sp
 from billing.testing.stripe_server import FakeStripe
+from tests.report_support import (
+    FAST,
+    counted_identifiers,
+    meter_event_requests,
+    outbox,
+    queue_rows,
+    this_hour,
+)
 from tests.webhook_support import T0, add_usage, customer_of, harness, paid_org, subscription_of
 
 TAGS = (
@@ -393,3 +403,55 @@ async def test_a_payment_event_does_not_overwrite_a_plan_an_operator_set_meanwhi
         row = await h.billing_row(org.id)
     # The workflow wrote what it changed (the status and its reason), not its stale view of the plan.
     assert (row["payment_status"], row["payment_status_reason"], row["plan"]) == ("ok", None, "team")
+
+
+async def test_a_cancelled_subscription_moves_the_org_to_free_and_its_queued_overage_is_still_sent_once(
+    database_url: str, pool: AsyncConnectionPool, client: Client, fake: FakeStripe
+) -> None:
+    """Churn: overage queued while the org was on pro was billable when queued (README, "Exactly once"
+    table: plan changed to free, subscription cancelled, after the row was queued -> sent). After a
+    signed `customer.subscription.deleted` moves the org to free, the next hourly job sends the
+    backlog to the org's customer, every unit exactly once."""
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
+    org = await paid_org(pool, plan="pro")
+    customer = fake.add_customer(customer_of(org.id))
+    identifiers = await queue_rows(pool, org.id, [120, 30, 7], hour=hour)
+    common = {"subscription_id": subscription_of(org.id), "customer_id": customer, "organization_id": org.id}
+    async with harness(database_url, pool, client, fake=fake) as h:
+        await h.deliver(
+            sp.subscription_event("customer.subscription.created", sp.subscription(**common), created=T0)
+        )
+        await h.deliver(
+            sp.subscription_event(
+                "customer.subscription.deleted",
+                sp.subscription(**common, status="canceled"),
+                created=T0 + 60,
+            ),
+            times=2,
+        )
+        await h.settle(org.id)
+        row = await h.billing_row(org.id)
+        assert (row["plan"], row["stripe_subscription_id"]) == ("free", None)
+        # Churn voided nothing and sent nothing: the backlog waits, pending, for its report.
+        assert [(r["identifier"], r["status"]) for r in await outbox(pool, org.id)] == [
+            (i, "pending") for i in identifiers
+        ]
+        assert fake.meter_events == []
+        # The hourly job starts the report of every org with pending rows, a free one included.
+        sweep = await client.execute_workflow(
+            "StorageOverageWorkflow",
+            StorageOverageInput(hour=f"{hour:%Y-%m-%dT%H}", tuning=FAST),
+            id=f"storage-overage-test-{org.id}-churned",
+            task_queue=h.settings.task_queue,
+            result_type=StorageOverageResult,
+        )
+        assert (sweep.queued, sweep.reports_started) == (0, 1)  # free: no storage overage of its own
+        sent = await client.get_workflow_handle(
+            stripe_report_id(org.id, hour), result_type=StripeReportResult
+        ).result()
+    assert (sent.sent, sent.deduplicated, sent.failed, sent.pending) == (3, 0, 0, 0)
+    assert counted_identifiers(fake) == identifiers
+    assert meter_event_requests(fake) == identifiers  # one request each: nothing retried or resent
+    assert fake.totals() == {(customer, "agent_tasks"): 157}
+    assert {e["customer"] for e in fake.meter_events} == {customer}
+    assert [r["status"] for r in await outbox(pool, org.id)] == ["sent"] * 3

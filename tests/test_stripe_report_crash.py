@@ -163,7 +163,14 @@ async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_an
         assert [requests.count(i) for i in identifiers] == [1, 1, 2, 1, 1, 1]
         rows = await outbox(pool, org.id)
         assert [r["status"] for r in rows] == ["sent"] * 6
-        assert [r["stripe_response"].get("deduplicated") for r in rows] == [None, None, True, None, None, None]
+        assert [r["stripe_response"].get("deduplicated") for r in rows] == [
+            None,
+            None,
+            True,
+            None,
+            None,
+            None,
+        ]
         assert result.sent == 6
         assert result.pending == 0
 
@@ -251,3 +258,53 @@ async def test_billing_report_pending_starts_the_backlog_now(
             result = await handle.result()
         assert result.sent == 2
         assert counted_identifiers(fake) == identifiers
+
+
+async def test_reconcile_exits_1_when_only_unsettled_units_differ_though_every_meter_matches(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    """Stripe has exactly what was sent, but a queued row is still pending: the month is not settled."""
+    from tests.conftest import running_worker
+    from tests.report_support import report
+
+    hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
+    month = f"{hour:%Y-%m}"
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        (sent,) = await queue_rows(pool, org.id, [3], hour=hour)
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            result = await report(client, settings, org.id, hour=hour)
+        assert (result.sent, result.pending) == (1, 0)
+        # Queued after the report ran (no report has taken it yet): pending.
+        (waiting,) = await queue_rows(pool, org.id, [4], hour=hour)
+        assert [(r["identifier"], r["status"]) for r in await outbox(pool, org.id)] == [
+            (sent, "sent"),
+            (waiting, "pending"),
+        ]
+        assert counted_identifiers(fake) == [sent]
+        text = await _reconcile_cli(settings, fake, org.id, "--month", month)
+        as_json = await _reconcile_cli(settings, fake, org.id, "--month", month, "--json")
+    assert text.returncode == 1, text.stderr
+    assert text.stderr == ""
+    assert text.stdout.splitlines() == [
+        f"org {org.id}, customer {customer}, {month} (ledger = sent reports)",
+        "  meter                          ledger         stripe   difference",
+        "  agent_tasks                         3              3           +0",
+        "  agentic_skill_search                0              0           +0",
+        "  fast_skill_search                   0              0           +0",
+        "  skill_blocks                        0              0           +0",
+        "  storage_gb_hour                     0              0           +0",
+        "all meters match",
+        f"  queued for {month}: pending 4 (1), sent 3 (1)",
+        "  4 queued units are neither sent nor voided",
+    ]
+    assert as_json.returncode == 1, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert {m["difference"] for m in data["meters"]} == {0}
+    assert (data["unsettled_units"], data["matches"]) == (4, False)
+    assert data["queued"] == [
+        {"state": "pending", "reports": 1, "quantity": 4},
+        {"state": "sent", "reports": 1, "quantity": 3},
+    ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -27,7 +28,7 @@ from billing.orchestration.reporting import start_stripe_reports
 from billing.read.reconcile import reconcile
 from billing.read.status import load_org_status
 from billing.testing.stripe_server import FakeStripe, sign_payload
-from tests.conftest import API_TOKEN, running_worker
+from tests.conftest import API_TOKEN, make_settings, running_worker
 from tests.factories import make_org
 from tests.report_support import (
     FAST,
@@ -57,18 +58,17 @@ async def _rows(pool: AsyncConnectionPool, org_id: str, *columns: str) -> list[t
 async def test_slow_calls_outlive_a_short_idle_transaction_timeout_and_hold_no_connection(
     pool: AsyncConnectionPool, client: Client, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    hour = this_hour()  # read once: two reads may straddle hh:00
     # Old code: one transaction across the page, killed by the idle timeout before it could commit.
     monkeypatch.setattr(stripe_reports, "_IDLE_IN_TRANSACTION_TIMEOUT", "300ms")
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, [1, 2, 3])
+        identifiers = await queue_rows(pool, org.id, [1, 2, 3], hour=hour)
         fake.slow_next(3, 1.0, path_prefix=METER_EVENTS)
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
-            starts = await start_stripe_reports(
-                client, settings.task_queue, [org.id], this_hour(), tuning=FAST
-            )
+            starts = await start_stripe_reports(client, settings.task_queue, [org.id], hour, tuning=FAST)
             # While Stripe holds the second call, no session of the database is inside a transaction
             # (the first row's record may be committing right then: a short autocommit statement).
             assert await asyncio.to_thread(fake.wait_key_in_use, idempotency_key(identifiers[1]))
@@ -91,14 +91,15 @@ async def test_slow_calls_outlive_a_short_idle_transaction_timeout_and_hold_no_c
 async def test_a_500_on_the_first_attempt_is_counted_once_under_the_rows_next_key(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: two reads may straddle hh:00
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, [7, 8])
+        identifiers = await queue_rows(pool, org.id, [7, 8], hour=hour)
         fake.fail_next(1, status=500, path_prefix=METER_EVENTS)
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
-            result = await report(client, settings, org.id)
+            result = await report(client, settings, org.id, hour=hour)
 
         assert result.sent == 2
         assert counted_identifiers(fake) == identifiers
@@ -121,7 +122,7 @@ async def test_a_500_on_the_first_attempt_is_counted_once_under_the_rows_next_ke
                 {
                     "event_name": "agent_tasks",
                     "identifier": identifiers[0],
-                    "timestamp": int(this_hour().timestamp()),
+                    "timestamp": int(hour.timestamp()),
                     "payload": {"stripe_customer_id": customer, "value": "7"},
                 },
                 {"idempotency_key": idempotency_key(identifiers[0])},
@@ -132,10 +133,11 @@ async def test_a_500_on_the_first_attempt_is_counted_once_under_the_rows_next_ke
 async def test_counted_then_killed_and_past_the_horizon_is_uncertain_never_resent_and_settled_by_an_operator(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: two reads may straddle hh:00
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        counted, waiting = await queue_rows(pool, org.id, [5, 6])
+        counted, waiting = await queue_rows(pool, org.id, [5, 6], hour=hour)
         # A worker claimed the first row, Stripe counted it, and the worker died before the record;
         # then the database was unavailable past the horizon (the first attempt is backdated 21 h).
         async with pool.connection() as conn:
@@ -164,7 +166,7 @@ async def test_counted_then_killed_and_past_the_horizon_is_uncertain_never_resen
             )
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
-            result = await report(client, settings, org.id)
+            result = await report(client, settings, org.id, hour=hour)
 
         # Never resent: one request for it ever (the one before the crash); the other row was sent.
         assert meter_event_requests(fake) == [counted, waiting]
@@ -174,7 +176,7 @@ async def test_counted_then_killed_and_past_the_horizon_is_uncertain_never_resen
         rows = await outbox(pool, org.id)
         assert [r["status"] for r in rows] == ["uncertain", "sent"]
         assert rows[0]["status_reason"].startswith("not settled within 20:00:00 of its first attempt")
-        status = await load_org_status(pool, org.id, f"{this_hour():%Y-%m}", stripe_configured=True)
+        status = await load_org_status(pool, org.id, f"{hour:%Y-%m}", stripe_configured=True)
         assert status is not None
         assert [(r.status, r.reports, r.quantity) for r in status.stripe_reports] == [
             ("sent", 1, 6),
@@ -182,7 +184,7 @@ async def test_counted_then_killed_and_past_the_horizon_is_uncertain_never_resen
         ]
         stripe_client = make_stripe_client(settings)
         assert stripe_client is not None
-        before = await reconcile(pool, stripe_client, org.id, f"{this_hour():%Y-%m}")
+        before = await reconcile(pool, stripe_client, org.id, f"{hour:%Y-%m}")
         agent = next(m for m in before.meters if m.event_name == "agent_tasks")
         # Stripe has 5 more than the sent rows: exactly the uncertain row, listed apart.
         assert (agent.ledger, agent.stripe, agent.difference) == (6, 11, 5)
@@ -194,10 +196,10 @@ async def test_counted_then_killed_and_past_the_horizon_is_uncertain_never_resen
         await act_on_rows(
             pool, org.id, [counted], "mark_sent", actor="ops", reason="reconcile: Stripe has it"
         )
-        after = await reconcile(pool, stripe_client, org.id, f"{this_hour():%Y-%m}")
+        after = await reconcile(pool, stripe_client, org.id, f"{hour:%Y-%m}")
         assert after.matches
         assert [(q.state, q.quantity) for q in after.queued] == [("sent", 11)]
-        status = await load_org_status(pool, org.id, f"{this_hour():%Y-%m}", stripe_configured=True)
+        status = await load_org_status(pool, org.id, f"{hour:%Y-%m}", stripe_configured=True)
         assert status is not None
         assert [
             (a["action"], a["actor"], a["reason"], a["from_status"]) for a in status.stripe_report_actions
@@ -207,10 +209,11 @@ async def test_counted_then_killed_and_past_the_horizon_is_uncertain_never_resen
 async def test_a_configuration_refusal_leaves_every_row_pending_then_drains_once_the_meter_exists(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: two reads may straddle hh:00
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        identifiers = await queue_rows(pool, org.id, [1, 2, 3])
+        identifiers = await queue_rows(pool, org.id, [1, 2, 3], hour=hour)
         fake.remove_meter("agent_tasks")
         before = (
             REGISTRY.get_sample_value("billing_stripe_configuration_refusals_total", {"reason": "no_answer"})
@@ -221,9 +224,7 @@ async def test_a_configuration_refusal_leaves_every_row_pending_then_drains_once
         )
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
-            starts = await start_stripe_reports(
-                client, settings.task_queue, [org.id], this_hour(), tuning=FAST
-            )
+            starts = await start_stripe_reports(client, settings.task_queue, [org.id], hour, tuning=FAST)
             for _ in range(400):
                 if fake.request_counts[METER_EVENTS] >= 3:
                     break
@@ -255,10 +256,11 @@ async def test_a_configuration_refusal_leaves_every_row_pending_then_drains_once
 async def test_a_failed_row_is_sent_again_by_an_operator_under_a_derived_identifier_and_a_void_is_recorded(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: two reads may straddle hh:00
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        failing, kept, written_off = await queue_rows(pool, org.id, [4, 5, 6])
+        failing, kept, written_off = await queue_rows(pool, org.id, [4, 5, 6], hour=hour)
         fake.fail_next(1, status=400, path_prefix=METER_EVENTS)
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
@@ -267,7 +269,7 @@ async def test_a_failed_row_is_sent_again_by_an_operator_under_a_derived_identif
                 pool, org.id, [written_off], "void", actor="ops", reason="duplicate usage"
             )
             assert [v.identifier for v in voided] == [written_off]
-            first = await report(client, settings, org.id)
+            first = await report(client, settings, org.id, hour=hour)
             assert (first.sent, first.failed) == (1, 1)
             with pytest.raises(UserError, match="has no report row 'nope'"):
                 await act_on_rows(pool, org.id, [failing, "nope"], "resend", actor="ops", reason="fixed")
@@ -275,7 +277,7 @@ async def test_a_failed_row_is_sent_again_by_an_operator_under_a_derived_identif
                 await act_on_rows(pool, org.id, [kept], "resend", actor="ops", reason="again")
             again = await act_on_rows(pool, org.id, [failing], "resend", actor="ops", reason="value fixed")
             assert [(a.identifier, a.new_identifier) for a in again] == [(failing, f"{failing}-r1")]
-            second = await report(client, settings, org.id, hour=this_hour() - timedelta(hours=1))
+            second = await report(client, settings, org.id, hour=hour - timedelta(hours=1))
         assert second.sent == 1
         assert counted_identifiers(fake) == [kept, f"{failing}-r1"]
         assert fake.total(customer, "agent_tasks") == 9
@@ -284,7 +286,7 @@ async def test_a_failed_row_is_sent_again_by_an_operator_under_a_derived_identif
             (kept, "sent", []),
             (written_off, "voided", []),
         ]
-        status = await load_org_status(pool, org.id, f"{this_hour():%Y-%m}", stripe_configured=True)
+        status = await load_org_status(pool, org.id, f"{hour:%Y-%m}", stripe_configured=True)
         assert status is not None
         assert [(r.status, r.reports, r.quantity) for r in status.stripe_reports] == [
             ("sent", 2, 9),
@@ -298,7 +300,7 @@ async def test_a_failed_row_is_sent_again_by_an_operator_under_a_derived_identif
         ]
         stripe_client = make_stripe_client(settings)
         assert stripe_client is not None
-        result = await reconcile(pool, stripe_client, org.id, f"{this_hour():%Y-%m}")
+        result = await reconcile(pool, stripe_client, org.id, f"{hour:%Y-%m}")
         assert result.matches
         assert [(q.state, q.quantity) for q in result.queued] == [("sent", 9), ("voided", 6)]
 
@@ -306,14 +308,15 @@ async def test_a_failed_row_is_sent_again_by_an_operator_under_a_derived_identif
 async def test_a_meter_error_notification_is_recorded_counted_and_shown_in_status(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: two reads may straddle hh:00
     secret = "whsec_meter_errors"
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        (identifier,) = await queue_rows(pool, org.id, [3])
+        (identifier,) = await queue_rows(pool, org.id, [3], hour=hour)
         settings = stripe_settings(database_url, client, fake, STRIPE_WEBHOOK_SECRET=secret)
         async with running_worker(settings, pool, client):
-            await report(client, settings, org.id)
+            await report(client, settings, org.id, hour=hour)
         app = create_app(settings, pool, client)
         body = fake.meter_error_notification(
             "agent_tasks",
@@ -355,7 +358,7 @@ async def test_a_meter_error_notification_is_recorded_counted_and_shown_in_statu
             )
             == counted + 1
         )
-        status = await load_org_status(pool, org.id, f"{this_hour():%Y-%m}", stripe_configured=True)
+        status = await load_org_status(pool, org.id, f"{hour:%Y-%m}", stripe_configured=True)
         assert status is not None
         assert [
             (e["code"], e["message"], e["error_count"], e["unmatched"], identifier in e["identifiers"])
@@ -368,8 +371,9 @@ async def test_storage_catches_up_every_missed_hour_at_its_own_level(
 ) -> None:
     """The storage job did not run for three hours: the next run queues them, each at the level the
     org held in that hour (from the ledger), plus its own hour."""
+    hour = this_hour()  # read once: two reads may straddle hh:00
     now = datetime.now(UTC)
-    top = this_hour() - timedelta(hours=1)  # the hour the run was scheduled for
+    top = hour - timedelta(hours=1)  # the hour the run was scheduled for
     with FakeStripe() as fake:
         org = await make_org(pool, plan="pro", stripe_customer_id=fake.add_customer())
         project = org.project_ids[0]
@@ -427,12 +431,13 @@ async def test_storage_catches_up_every_missed_hour_at_its_own_level(
 async def test_late_usage_and_a_row_older_than_35_days_are_stamped_at_send_time_and_marked_late(
     pool: AsyncConnectionPool, client: Client, database_url: str
 ) -> None:
+    hour = this_hour()  # read once: two reads may straddle hh:00
     with FakeStripe() as fake:
         customer = fake.add_customer()
         org = await make_org(pool, plan="pro", stripe_customer_id=customer)
-        in_period = await queue_rows(pool, org.id, [2])
+        in_period = await queue_rows(pool, org.id, [2], hour=hour)
         # Two months back: its month ended far more than the grace ago (the invoice is final).
-        old_month = (this_hour().replace(day=1) - timedelta(days=32)).replace(day=1)
+        old_month = (hour.replace(day=1) - timedelta(days=32)).replace(day=1)
         old_end = (old_month + timedelta(days=32)).replace(day=1) - timedelta(seconds=1)
         # Older than Stripe's 35 days, and in the month before the late row's month.
         storage_hour = old_month - timedelta(days=40)
@@ -458,18 +463,18 @@ async def test_late_usage_and_a_row_older_than_35_days_are_stamped_at_send_time_
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):
             started = datetime.now(UTC)
-            result = await report(client, settings, org.id)
+            result = await report(client, settings, org.id, hour=hour)
             finished = datetime.now(UTC)
     assert result.sent == 3
     events = {e["identifier"]: e for e in fake.meter_events}
-    assert events[in_period[0]]["timestamp"] == int(this_hour().timestamp())
+    assert events[in_period[0]]["timestamp"] == int(hour.timestamp())
     for late in (f"late-{org.id}", f"storage-old-{org.id}"):
         assert int(started.timestamp()) - 1 <= events[late]["timestamp"] <= int(finished.timestamp()) + 1
     rows = await _rows(
         pool, org.id, "identifier", "status", "sent_late", "status_reason", "to_char(month, 'YYYY-MM')"
     )
     assert rows == [
-        (in_period[0], "sent", False, None, f"{this_hour():%Y-%m}"),
+        (in_period[0], "sent", False, None, f"{hour:%Y-%m}"),
         (f"late-{org.id}", "sent", True, "sent late: stamped at send time", f"{old_month:%Y-%m}"),
         (f"storage-old-{org.id}", "sent", True, "sent late: stamped at send time", f"{storage_hour:%Y-%m}"),
     ]
@@ -486,8 +491,10 @@ async def test_operator_commands_on_the_cli_record_who_and_why_and_refuse_bad_in
 
     from tests.conftest import VENV_BIN
 
+    hour = this_hour()  # read once: two reads may straddle hh:00
+
     org = await make_org(pool, plan="pro")
-    first, second = await queue_rows(pool, org.id, [3, 4])
+    first, second = await queue_rows(pool, org.id, [3, 4], hour=hour)
     env = {**os.environ, "DATABASE_URL": database_url}
     env.pop("STRIPE_API_KEY", None)
 
@@ -510,9 +517,11 @@ async def test_operator_commands_on_the_cli_record_who_and_why_and_refuse_bad_in
     listed = await asyncio.to_thread(billing, "report-list", org.id)
     assert listed.returncode == 0
     lines = listed.stdout.splitlines()
-    assert lines[0] == f"{second}  task.created  {this_hour():%Y-%m}  4  pending"
+    assert lines[0] == f"{second}  task.created  {hour:%Y-%m}  4  pending"
     assert lines[1].endswith(f"alice void {first} (pending): customer refunded")
-    assert await _rows(pool, org.id, "status", "status_reason LIKE 'voided by alice at %%: customer refunded'") == [
+    assert await _rows(
+        pool, org.id, "status", "status_reason LIKE 'voided by alice at %%: customer refunded'"
+    ) == [
         ("voided", True),
         ("pending", None),
     ]
@@ -528,9 +537,170 @@ def test_the_horizon_and_the_finalization_grace_are_durations_and_bad_values_nam
     assert (defaults.report_horizon, defaults.finalization_grace) == (timedelta(hours=20), timedelta(hours=1))
     for name, value, message in (
         ("BILLING_REPORT_HORIZON", "soon", "expected a duration such as 30s, 90m, 20h or 35d, got 'soon'"),
-        ("BILLING_REPORT_HORIZON", "25h", "must be at most 24h (Stripe deduplicates identifiers for 24 hours)"),
+        (
+            "BILLING_REPORT_HORIZON",
+            "25h",
+            "must be at most 24h (Stripe deduplicates identifiers for 24 hours)",
+        ),
         ("BILLING_STRIPE_FINALIZATION_GRACE", "0h", "must be more than zero"),
     ):
         with pytest.raises(ConfigError) as raised:
             Settings.load(**{name: value})
         assert str(raised.value) == f"{name}: {message}"
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Wait for a condition the product guarantees (the bound only turns a hang into a failure)."""
+    for _ in range(1200):
+        if await condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never happened: {what}")
+
+
+def _meter_calls(fake: FakeStripe) -> list[tuple[str, int | None, str | None]]:
+    """(identifier, status, Idempotency-Key) of every answered meter-event request, in arrival order."""
+    return [
+        (r.params.get("identifier", ""), r.status, r.idempotency_key)
+        for r in fake.requests
+        if r.path == METER_EVENTS and r.status is not None
+    ]
+
+
+async def _refused_and_waiting(
+    pool: AsyncConnectionPool, fake: FakeStripe, org_id: str, status: int, reason: str
+) -> None:
+    """Wait until Stripe refused the first row with ``status`` three times (Temporal retried it) and
+    its row says so; then no row is sent, failed or voided and nothing was counted."""
+
+    async def refused_thrice() -> bool:
+        return sum(1 for _, answered, _ in _meter_calls(fake) if answered == status) >= 3
+
+    async def recorded() -> bool:
+        return (await outbox(pool, org_id))[0]["status_reason"] == reason
+
+    await _until(refused_thrice, f"three {status} answers")
+    await _until(recorded, f"the first row's reason {reason!r}")
+    rows = await outbox(pool, org_id)
+    assert {r["status"] for r in rows} <= {"pending", "sending"}
+    assert [r["status_reason"] for r in rows[1:]] == [None] * (len(rows) - 1)  # never called
+    assert fake.meter_events == []
+
+
+async def test_a_rotated_key_401_keeps_rows_pending_and_retrying_and_the_new_key_sends_each_row_once(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    """README: 401 (bad, revoked key) -> rows stay pending, retried; fix STRIPE_API_KEY, restart the
+    workers: the running report sends every row, each counted once."""
+    hour = this_hour()
+    new_key = "sk_test_rotated_key"
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [2, 3], hour=hour)
+        fake.set_api_key(new_key)  # the key the workers hold was rolled in Stripe
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            starts = await start_stripe_reports(client, settings.task_queue, [org.id], hour, tuning=FAST)
+            await _refused_and_waiting(
+                pool,
+                fake,
+                org.id,
+                401,
+                f"will retry: 401 Invalid API Key provided: {TEST_KEY[:8]}****{TEST_KEY[-4:]}",
+            )
+        refused = _meter_calls(fake)
+        # Every refusal was the first row's, under its first key: a 401 is not stored, the key is kept.
+        assert {(i, s, k) for i, s, k in refused} == {(identifiers[0], 401, idempotency_key(identifiers[0]))}
+        # The workers restart with the new key, on the same task queue: the same report finishes.
+        fixed = make_settings(
+            database_url,
+            client,
+            STRIPE_API_KEY=new_key,
+            STRIPE_API_BASE=fake.url,
+            BILLING_TASK_QUEUE=settings.task_queue,
+        )
+        async with running_worker(fixed, pool, client):
+            result = await client.get_workflow_handle(
+                starts.workflow_ids[0], result_type=StripeReportResult
+            ).result()
+        assert (result.sent, result.deduplicated, result.failed, result.pending) == (2, 0, 0, 0)
+        assert counted_identifiers(fake) == identifiers
+        assert fake.total(customer, "agent_tasks") == 5
+        accepted = [(i, s) for i, s, _ in _meter_calls(fake)[len(refused) :] if s != 401]
+        assert accepted == [(identifiers[0], 200), (identifiers[1], 200)]
+        assert [r["status"] for r in await outbox(pool, org.id)] == ["sent", "sent"]
+
+
+async def test_a_restricted_key_403_keeps_rows_pending_and_retrying_until_granted_then_sends_each_row_once(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    """README: 403 (restricted key without the permission) -> like a 429: rows stay pending and are
+    retried with the same key; once the key may write meter events, each row is counted once."""
+    hour = this_hour()
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [4, 6], hour=hour)
+        fake.forbid_key(TEST_KEY, path_prefix=METER_EVENTS)
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            starts = await start_stripe_reports(client, settings.task_queue, [org.id], hour, tuning=FAST)
+            await _refused_and_waiting(
+                pool,
+                fake,
+                org.id,
+                403,
+                f"will retry: 403 The provided key '{TEST_KEY[:8]}****{TEST_KEY[-4:]}' does not have the "
+                "required permissions for this endpoint.",
+            )
+            fake.allow_key(TEST_KEY)  # the permission is granted in the dashboard; no restart
+            result = await client.get_workflow_handle(
+                starts.workflow_ids[0], result_type=StripeReportResult
+            ).result()
+        assert (result.sent, result.deduplicated, result.failed, result.pending) == (2, 0, 0, 0)
+        assert counted_identifiers(fake) == identifiers
+        assert fake.total(customer, "agent_tasks") == 10
+        calls = _meter_calls(fake)
+        refused = [c for c in calls if c[1] == 403]
+        assert len(refused) >= 3
+        assert {c for c in refused} == {(identifiers[0], 403, idempotency_key(identifiers[0]))}
+        # Every 403 came before the first success, and each row succeeded once, under its first key.
+        assert calls[len(refused) :] == [
+            (identifiers[0], 200, idempotency_key(identifiers[0])),
+            (identifiers[1], 200, idempotency_key(identifiers[1])),
+        ]
+        assert await _rows(pool, org.id, "status", "key_generation", "attempts") == [
+            ("sent", 0, len(refused) + 1),
+            ("sent", 0, 1),
+        ]
+
+
+async def test_a_409_key_in_use_is_retried_under_the_same_key_and_the_row_counted_once(
+    pool: AsyncConnectionPool, client: Client, database_url: str
+) -> None:
+    """README: 409 (key in use) -> refused in front of the API, pending with "will retry", same key,
+    Temporal backs off; the retry is counted once."""
+    hour = this_hour()
+    with FakeStripe() as fake:
+        customer = fake.add_customer()
+        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        identifiers = await queue_rows(pool, org.id, [7, 9], hour=hour)
+        fake.fail_next(2, status=409, path_prefix=METER_EVENTS)
+        settings = stripe_settings(database_url, client, fake)
+        async with running_worker(settings, pool, client):
+            result = await report(client, settings, org.id, hour=hour)
+    assert (result.sent, result.deduplicated, result.failed, result.pending) == (2, 0, 0, 0)
+    assert counted_identifiers(fake) == identifiers
+    assert fake.total(customer, "agent_tasks") == 16
+    first_key = idempotency_key(identifiers[0])
+    assert _meter_calls(fake) == [
+        (identifiers[0], 409, first_key),
+        (identifiers[0], 409, first_key),
+        (identifiers[0], 200, first_key),
+        (identifiers[1], 200, idempotency_key(identifiers[1])),
+    ]
+    assert await _rows(pool, org.id, "status", "key_generation", "attempts", "status_reason") == [
+        ("sent", 0, 3, None),
+        ("sent", 0, 1, None),
+    ]

@@ -271,3 +271,47 @@ async def test_billing_overview_counts_exactly(postgres_admin_url: str) -> None:
     assert "monthly resets 2031-03: 1 done, 1 missing" in lines
     assert "stripe webhooks not applied yet: 1 (oldest: 5 min)" in lines
     assert "notifications: recorded 2; oldest undelivered: 0 min" in lines
+
+
+async def test_the_report_state_gauge_publishes_exactly_the_outbox_states(
+    database_url: str, pool: AsyncConnectionPool
+) -> None:
+    """`billing_reports{state}`'s closed label set is the outbox's status CHECK (sql/0008 removed
+    `skipped`), and each state's sample is its exact row count."""
+    from tests.factories import make_org
+    from tests.report_support import queue_rows
+
+    async with pool.connection() as conn:
+        row = await (
+            await conn.execute(
+                "SELECT pg_get_constraintdef(oid) AS def FROM pg_constraint"
+                " WHERE conname = 'stripe_report_outbox_status_check'"
+            )
+        ).fetchone()
+    assert row is not None
+    assert set(re.findall(r"'(\w+)'", row["def"])) == set(REPORT_STATES)
+    assert "skipped" not in REPORT_STATES
+
+    org = await make_org(pool, plan="pro")
+    states = ["pending", "pending", "sending", "sent", "sent", "sent", "uncertain", "failed", "voided"]
+    identifiers = await queue_rows(pool, org.id, [1] * len(states))
+    async with pool.connection() as conn:
+        for identifier, state in zip(identifiers, states, strict=True):
+            await conn.execute(
+                "UPDATE stripe_report_outbox SET status = %s WHERE identifier = %s", [state, identifier]
+            )
+    app = WorkerMetrics(pool, None).app()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as http:
+        text = (await http.get("/metrics")).text
+    samples = {
+        state: float(value)
+        for state, value in re.findall(r'^billing_reports\{state="(\w+)"\} (\S+)$', text, re.M)
+    }
+    assert samples == {
+        "pending": 2.0,
+        "sending": 1.0,
+        "sent": 3.0,
+        "uncertain": 1.0,
+        "failed": 1.0,
+        "voided": 1.0,
+    }

@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.app import create_app
 from billing.core.config import Settings
@@ -165,14 +166,22 @@ async def test_billing_reset_refuses_a_month_after_the_current_one(
     assert done.stdout == ""
     assert done.stderr.strip().count("\n") == 0
     assert "month 2099-01 has not begun" in done.stderr
-    executions = [
-        wf async for wf in client.list_workflows(f"WorkflowId = '{monthly_reset_id(org.id, '2099-01')}'")
-    ]
-    assert executions == []
+    # Describe reads the execution itself (no visibility lag): NOT_FOUND means no run was started.
+    for month in (next_month, "2099-01"):
+        with pytest.raises(RPCError) as missing:
+            await client.get_workflow_handle(monthly_reset_id(org.id, month)).describe()
+        assert missing.value.status == RPCStatusCode.NOT_FOUND, month
     assert (
         await fetch_value(pool, "SELECT count(*) FROM monthly_resets WHERE organization_id = %s", [org.id])
         == 0
     )
+    # The probe looks where a start goes: past the check, the same call starts exactly that ID (no
+    # worker polls this test's queue, so the run does nothing before it is terminated).
+    started = await start_monthly_reset(client, settings.task_queue, org.id, next_month, check_month=False)
+    handle = client.get_workflow_handle(monthly_reset_id(org.id, next_month))
+    assert (started.workflow_id, started.started) == (monthly_reset_id(org.id, next_month), True)
+    assert (await handle.describe()).id == started.workflow_id
+    await handle.terminate(reason="test: probe only")
 
 
 async def test_a_reset_workflow_for_a_month_not_begun_fails_at_once_without_retrying(

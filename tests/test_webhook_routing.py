@@ -4,6 +4,8 @@ naming another org is a recorded mismatch; a livemode other than the key's is re
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +21,7 @@ from billing.read.status import load_org_status
 from billing.testing import stripe_payloads as sp
 from billing.testing.stripe_server import FakeStripe
 from tests.factories import make_org
+from tests.report_support import counted_identifiers, outbox, queue_rows
 from tests.test_webhooks import _workflow_exists
 from tests.webhook_support import T0, customer_of, harness, paid_org
 
@@ -146,3 +149,64 @@ async def test_an_event_of_the_other_mode_than_the_key_is_answered_200_and_recor
 def test_the_mode_of_the_stripe_key(key: str | None, live: bool | None) -> None:
     settings = Settings.model_construct(stripe_api_key=SecretStr(key) if key else None)
     assert key_livemode(settings) is live
+
+
+async def test_overage_waiting_for_a_customer_goes_to_the_customer_a_webhook_teaches_the_org(
+    database_url: str, pool: AsyncConnectionPool, client: Client, fake: FakeStripe
+) -> None:
+    """Issue 9, finding 1: an org matched to Stripe by `metadata.organization_id` (no customer recorded)
+    queues overage; it waits (never skipped), and once a webhook teaches the org its customer, the org's
+    report is started at once and every unit reaches that customer, exactly once."""
+    org = await make_org(pool, plan="pro", projects=1)  # matched by metadata only: no customer yet
+    identifiers = await queue_rows(pool, org.id, [700, 50])
+    customer = fake.add_customer()
+    async with harness(database_url, pool, client, fake=fake) as h:
+        await h.deliver(metered_failure(customer, org.id, invoice_id="in_learn_then_send"))
+        await h.settle(org.id)
+        deadline = time.monotonic() + 60
+        while [row["status"] for row in await outbox(pool, org.id)] != ["sent", "sent"]:
+            assert time.monotonic() < deadline, await outbox(pool, org.id)
+            await asyncio.sleep(0.1)
+    assert counted_identifiers(fake) == identifiers
+    assert fake.total(customer, "agent_tasks") == 750
+
+
+async def test_an_unmatched_event_redelivered_once_its_org_is_known_is_recorded_anew_and_applied(
+    database_url: str, pool: AsyncConnectionPool, client: Client
+) -> None:
+    org = await make_org(pool, plan="pro", projects=1)
+    event = metered_failure("cus_routing_later_1", None)
+    async with harness(database_url, pool, client) as h:
+        first = await h.post(event)
+        assert (first.status_code, first.json()["status"]) == (200, "unmatched")
+        assert (await h.webhook_rows(None))[event["id"]][0] == "unmatched"
+        async with pool.connection() as conn:
+            await conn.execute(
+                "UPDATE organization_billing SET stripe_customer_id = 'cus_routing_later_1'"
+                " WHERE organization_id = %s",
+                [org.id],
+            )
+        # Stripe's redelivery now routes to the org: the row is recorded anew for it, and applied.
+        await h.deliver(event)
+        assert (await h.settle(org.id)).payment_status == "blocked"
+        assert (await h.webhook_rows(org.id))[event["id"]] == ("applied", "applied")
+        assert event["id"] not in await h.webhook_rows(None)
+
+
+async def test_concurrent_deliveries_of_one_event_are_all_answered_200_and_applied_once(
+    database_url: str, pool: AsyncConnectionPool, client: Client
+) -> None:
+    org = await paid_org(pool)
+    event = metered_failure(customer_of(org.id), org.id)
+    async with harness(database_url, pool, client) as h:
+        answers = await asyncio.gather(*(h.post(event) for _ in range(8)))
+        assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
+        assert all(a.json()["ok"] is True for a in answers)
+        h.delivered.add(event["id"])
+        view = await h.settle(org.id)
+        assert view.payment_status == "blocked"
+        assert view.events_applied >= 1
+        assert await h.webhook_rows(org.id) == {event["id"]: ("applied", "applied")}
+        # Once applied, a redelivery is answered at once as a duplicate.
+        again = await h.post(event)
+        assert again.json()["duplicate"] is True

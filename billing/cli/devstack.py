@@ -187,6 +187,15 @@ class _Stopped(Exception):
     """Ctrl-C or SIGTERM arrived while ``billing dev`` was still starting."""
 
 
+async def _stopped_soon(stop: asyncio.Event, seconds: float = 1.0) -> bool:
+    """Whether ``stop`` is set now or within ``seconds`` (a signal already sent is handled by then)."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 async def _unless_stopped(step: Awaitable[T], stop: asyncio.Event) -> T:
     """Await ``step``, but give up (cancelling it) as soon as ``stop`` is set.
 
@@ -265,6 +274,13 @@ async def run_dev(
             try:
                 await _start_and_serve(settings, data, temporal_port, ui_port, stop, stack)
             except _Stopped:
+                print("billing dev stopped before it was ready; stopping what it started", flush=True)
+            except Exception:
+                # A terminal's Ctrl-C reaches our children too (one process group): pg_ctl or the
+                # Temporal server dies of it and fails its step, possibly before our own handler has
+                # set `stop`. Give the handler its turn before calling the failure an error.
+                if not await _stopped_soon(stop):
+                    raise
                 print("billing dev stopped before it was ready; stopping what it started", flush=True)
         print("billing dev stopped", flush=True)
     finally:

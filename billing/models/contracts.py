@@ -49,6 +49,7 @@ from billing.models.stripe_report import (
     SendReportsResult,
     StartPendingReportsInput,
     StartReportsResult,
+    StartStripeReportsInput,
 )
 from billing.models.usage_sync import (
     AdvanceWatermarkInput,
@@ -157,6 +158,11 @@ class StripeReportContract:
     @activity.defn
     async def start_pending_stripe_reports(self, request: StartPendingReportsInput) -> StartReportsResult:
         """Start the reports of one page of orgs with pending rows."""
+        raise NotImplementedError
+
+    @activity.defn
+    async def start_stripe_reports(self, request: StartStripeReportsInput) -> StartReportsResult:
+        """Start (or signal) the reports of the given orgs."""
         raise NotImplementedError
 
 

@@ -72,6 +72,15 @@ class StartPendingReportsInput(Model):
     tuning: ReportTuning = ReportTuning()
 
 
+class StartStripeReportsInput(Model):
+    """Start (or signal, when running) the stripe-report workflows of these orgs for ``hour``: what
+    org-billing calls once it has learned the org's Stripe customer, so that rows waiting for one go out."""
+
+    org_ids: list[str] = Field(max_length=10_000)
+    hour: str = Field(pattern=HOUR_PATTERN)
+    tuning: ReportTuning = ReportTuning()
+
+
 class StartReportsResult(Model):
     """Starts requested; ``last_org_id`` is the cursor of the next page (None when done)."""
 

@@ -26,7 +26,8 @@ from billing.db.sql import query
 from billing.observability import telemetry
 
 PAYMENT_STATUSES = ("ok", "past_due", "blocked")
-REPORT_STATES = ("pending", "sending", "sent", "uncertain", "failed", "voided", "skipped")
+# The outbox row states of sql/0008 (its status CHECK); 0008 turned the old "skipped" rows back to pending.
+REPORT_STATES = ("pending", "sending", "sent", "uncertain", "failed", "voided")
 NOTIFICATION_STATES = ("recorded", "delivering", "delivered", "failed", "not_configured")
 USAGE_OUTCOMES = ("applied", "rejected", "held_back")
 RESET_OUTCOMES = ("closed", "already_done", "refused")
