@@ -53,11 +53,7 @@ HISTORIES = Path(__file__).resolve().parent / "histories"
 
 
 async def record_org_billing(name: str = "org_billing") -> Path:
-    """Metered and plan failures (both shapes), a Stripe refusal, operator block/unblock, payments.
-
-    ``org_billing.json`` predates the `org-billing-db-local-first` patch (regular database activities);
-    ``org_billing_local_first.json`` was recorded with it (``record_org_billing("org_billing_local_first")``).
-    """
+    """Metered and plan failures (both shapes), a Stripe refusal, operator block/unblock, payments."""
     async with throwaway_temporal_server() as env:
         with scratch_database() as url:
             pool = await open_pool(url, max_size=5)

@@ -77,7 +77,7 @@ from billing.models.org_billing import (
     SyncOrgBillingInput,
 )
 from billing.models.stripe_report import StartStripeReportsInput
-from workflows.common import ActivityMethod, ArgT, ResultT, run_db_activity, run_db_activity_local_first
+from workflows.common import ActivityMethod, ArgT, ResultT, run_db_activity
 
 # Stripe calls: 429/5xx/timeouts are retried with backoff for up to an hour; after that the call is
 # recorded like a refusal, so a long Stripe outage delays this org's later events by at most an hour.
@@ -89,9 +89,6 @@ STRIPE_RETRY = RetryPolicy(
 MAX_REASON_CHARS = 1000
 MAX_OPERATOR_REQUEST_IDS = 20
 STRIPE_EFFECTS = (ScheduleDowngrade, RevokeDowngrade, ResolvePlan, ResolveInvoiceKind)
-# Patch (issue 14): the org's own database writes (load, billing row and flags, webhook marks) are tried
-# first as local activities, as the monthly reset's close is.
-DB_LOCAL_FIRST = "org-billing-db-local-first"
 # A burst of events is written to PostgreSQL once it is drained, and at least every this many events,
 # so a steady stream never holds the billing row (and a block's quota flags) back for long.
 BILLING_WRITE_EVERY = 20
@@ -281,7 +278,7 @@ class OrgBillingWorkflow:
         as an operator block, lifted by `billing unblock`; a `past_due` one cannot be tied to an invoice
         and is left to the next plan invoice's events.
         """
-        row = await _db(PaymentContract.load_org_billing, OrgRef(org_id=self._org_id))
+        row = await run_db_activity(PaymentContract.load_org_billing, OrgRef(org_id=self._org_id))
         self._written = {column: getattr(row, column) for column in BILLING_COLUMNS} if row.found else {}
         self._written_customer = row.stripe_customer_id
         if not row.found:
@@ -429,7 +426,7 @@ class OrgBillingWorkflow:
         customer = s.stripe_customer_id if s.stripe_customer_id != self._written_customer else None
         if not columns and not recompute and customer is None:
             return
-        await _db(
+        await run_db_activity(
             PaymentContract.sync_org_billing,
             SyncOrgBillingInput(
                 org_id=self._org_id,
@@ -457,7 +454,7 @@ class OrgBillingWorkflow:
         if not self._unmarked:
             return
         outcomes, self._unmarked = self._unmarked, {}
-        await _db(
+        await run_db_activity(
             PaymentContract.mark_webhook_events,
             MarkWebhookEventsInput(org_id=self._org_id, outcomes=outcomes),
         )
@@ -493,17 +490,6 @@ async def _stripe_activity(activity: ActivityMethod[ArgT, ResultT], arg: ArgT) -
         schedule_to_close_timeout=STRIPE_GIVE_UP,
         retry_policy=STRIPE_RETRY,
     )
-
-
-async def _db(activity: ActivityMethod[ArgT, ResultT], arg: ArgT) -> ResultT:
-    """One of the org's database activities (one idempotent transaction each): tried first as a local
-    activity in the worker holding the workflow task, which saves the activity task's round trips per
-    event (issue 14); a failed try falls back to the regular, retried activity
-    (workflows.common.run_db_activity_local_first). Histories recorded before the patch replay as
-    regular activities."""
-    if workflow.patched(DB_LOCAL_FIRST):
-        return await run_db_activity_local_first(activity, arg)
-    return await run_db_activity(activity, arg)
 
 
 def _cause(exc: ActivityError) -> str:
