@@ -61,7 +61,7 @@ from billing.observability.telemetry import (
     STRIPE_REPORT_FAILURES,
     STRIPE_REPORTS,
 )
-from billing.orchestration import reporting
+from billing.orchestration import reporting, temporal
 
 # A claim is one short transaction; a session left idle inside one belonged to a vanished worker.
 _IDLE_IN_TRANSACTION_TIMEOUT = "60s"
@@ -438,7 +438,7 @@ class StripeReportActivities(StripeReportContract):
                 },
             )
             org_ids = [row["org_id"] for row in await cursor.fetchall()]
-        starts = await reporting.start_stripe_reports(
+        starts = await temporal.start_stripe_reports(
             self.client, self.task_queue, org_ids, parse_hour(request.hour), tuning=request.tuning
         )
         return StartReportsResult(
@@ -452,7 +452,7 @@ class StripeReportActivities(StripeReportContract):
         """Start (or signal) ``stripe-report/{org}/{hour}`` for the given orgs (org-billing calls it once it
         learned the org's Stripe customer). Repeating it is harmless."""
         org_ids = [_validate_org_id(org_id) for org_id in request.org_ids]
-        starts = await reporting.start_stripe_reports(
+        starts = await temporal.start_stripe_reports(
             self.client, self.task_queue, org_ids, parse_hour(request.hour), tuning=request.tuning
         )
         return StartReportsResult(
