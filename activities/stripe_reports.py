@@ -56,12 +56,13 @@ from billing.models.stripe_report import (
     StartReportsResult,
     StartStripeReportsInput,
 )
+from billing.observability import outbox_gauges
 from billing.observability.telemetry import (
     STRIPE_CONFIG_REFUSALS,
     STRIPE_REPORT_FAILURES,
     STRIPE_REPORTS,
 )
-from billing.orchestration import reporting, temporal
+from billing.orchestration import temporal
 
 # A claim is one short transaction; a session left idle inside one belonged to a vanished worker.
 _IDLE_IN_TRANSACTION_TIMEOUT = "60s"
@@ -425,7 +426,7 @@ class StripeReportActivities(StripeReportContract):
 
         Without STRIPE_API_KEY nothing is started: the rows wait, and ``billing status`` says why.
         """
-        await reporting.refresh_outbox_gauges(self.pool)
+        await outbox_gauges.refresh_outbox_gauges(self.pool)
         if self.stripe is None:
             return StartReportsResult(started=0, already_running=0, stripe_configured=False)
         async with self.pool.connection() as conn:

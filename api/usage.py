@@ -11,7 +11,7 @@ from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
 from api.auth import require_bearer
-from api.errors import ApiError
+from api.error_responses import ApiError
 from api.quota import flag_lookup, quota_consuming
 from api.validation import parse_json, path_uuid, read_body
 from billing.observability.telemetry import USAGE_ROWS

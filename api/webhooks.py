@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from temporalio.service import RPCError
 
-from api.errors import ApiError
+from api.error_responses import ApiError
 from api.validation import parse_json, read_body
 from billing.adapters.stripe_client import is_refusal
 from billing.core.clock import utcnow

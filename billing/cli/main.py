@@ -592,7 +592,7 @@ async def cmd_overview(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
     """An org's notifications to the product, newest first, with their delivery state."""
-    from billing.adapters.notifications import delivery_configured, org_notifications
+    from billing.adapters.notification_delivery import delivery_configured, org_notifications
     from billing.db.pool import database_pool
     from billing.db.sql import query
     from billing.read.overview import notifications_text

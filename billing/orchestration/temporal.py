@@ -4,7 +4,7 @@ signal, update and query the project makes from outside a workflow.
 Sections, one per workflow family: monthly reset; usage sync (a pushed batch, a pull now); Stripe
 reports; the org workflow (signal-with-start, update-with-start, the ``state`` query); notifications
 (``notify/{id}``). What the callers do around a start (staging a batch, choosing the notifications to
-deliver) stays with them: ``billing.orchestration.usage_batches``, ``billing.adapters.notifications``.
+deliver) stays with them: ``billing.orchestration.usage_batches``, ``billing.adapters.notification_delivery``.
 """
 
 from __future__ import annotations
