@@ -8,7 +8,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
-from billing.adapters.notifications import Dispatcher, body_of, delivery_configured, signed_headers
+from billing.adapters.notification_delivery import Dispatcher, body_of, delivery_configured, signed_headers
 from billing.core.clock import utcnow
 from billing.core.config import Settings
 from billing.db.sql import query

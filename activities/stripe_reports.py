@@ -56,12 +56,13 @@ from billing.models.stripe_report import (
     StartReportsResult,
     StartStripeReportsInput,
 )
+from billing.observability import outbox_gauges
 from billing.observability.telemetry import (
     STRIPE_CONFIG_REFUSALS,
     STRIPE_REPORT_FAILURES,
     STRIPE_REPORTS,
 )
-from billing.orchestration import reporting
+from billing.orchestration import temporal
 
 # A claim is one short transaction; a session left idle inside one belonged to a vanished worker.
 _IDLE_IN_TRANSACTION_TIMEOUT = "60s"
@@ -425,7 +426,7 @@ class StripeReportActivities(StripeReportContract):
 
         Without STRIPE_API_KEY nothing is started: the rows wait, and ``billing status`` says why.
         """
-        await reporting.refresh_outbox_gauges(self.pool)
+        await outbox_gauges.refresh_outbox_gauges(self.pool)
         if self.stripe is None:
             return StartReportsResult(started=0, already_running=0, stripe_configured=False)
         async with self.pool.connection() as conn:
@@ -438,7 +439,7 @@ class StripeReportActivities(StripeReportContract):
                 },
             )
             org_ids = [row["org_id"] for row in await cursor.fetchall()]
-        starts = await reporting.start_stripe_reports(
+        starts = await temporal.start_stripe_reports(
             self.client, self.task_queue, org_ids, parse_hour(request.hour), tuning=request.tuning
         )
         return StartReportsResult(
@@ -452,7 +453,7 @@ class StripeReportActivities(StripeReportContract):
         """Start (or signal) ``stripe-report/{org}/{hour}`` for the given orgs (org-billing calls it once it
         learned the org's Stripe customer). Repeating it is harmless."""
         org_ids = [_validate_org_id(org_id) for org_id in request.org_ids]
-        starts = await reporting.start_stripe_reports(
+        starts = await temporal.start_stripe_reports(
             self.client, self.task_queue, org_ids, parse_hour(request.hour), tuning=request.tuning
         )
         return StartReportsResult(

@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 
-from billing.adapters.notifications import Dispatcher
+from billing.adapters.notification_delivery import Dispatcher
 from billing.core.config import Settings
 from billing.core.errors import ConfigError
 from billing.db.sql import query

@@ -10,9 +10,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from api.auth import require_bearer
-from api.errors import ApiError
+from api.error_responses import ApiError
 from api.validation import json_body, path_uuid
-from billing.adapters.notifications import org_notifications
+from billing.adapters.notification_delivery import org_notifications
 from billing.core.clock import current_month
 from billing.db.sql import query
 from billing.domain.months import parse_month

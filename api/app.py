@@ -11,10 +11,10 @@ from starlette.routing import Route
 from temporalio.client import Client
 
 from api import admin, health, meter_errors, usage, webhooks
-from api.errors import EXCEPTION_HANDLERS
+from api.error_responses import EXCEPTION_HANDLERS
 from api.quota import QuotaFastPath
 from api.schemas import openapi_document
-from api.telemetry import TelemetryMiddleware
+from api.telemetry_middleware import TelemetryMiddleware
 from billing.adapters.stripe_client import API_STRIPE_TIMEOUT_SECONDS, make_stripe_client
 from billing.core.config import Settings
 

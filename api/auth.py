@@ -7,7 +7,7 @@ import hmac
 from opentelemetry import trace
 from starlette.requests import Request
 
-from api.errors import ApiError
+from api.error_responses import ApiError
 
 
 def require_bearer(request: Request) -> None:

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from billing.orchestration.reporting import refresh_outbox_gauges
+from billing.observability.outbox_gauges import refresh_outbox_gauges
 
 _CHECK_TIMEOUT = 3.0
 

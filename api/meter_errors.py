@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from activities.stripe_reports import identifier_of_key
-from api.errors import ApiError
+from api.error_responses import ApiError
 from billing.adapters.stripe_client import parsing_client
 from billing.db.sql import query
 from billing.observability.telemetry import STRIPE_METER_ERRORS

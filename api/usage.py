@@ -11,18 +11,16 @@ from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
 from api.auth import require_bearer
-from api.errors import ApiError
+from api.error_responses import ApiError
 from api.quota import flag_lookup, quota_consuming
 from api.validation import parse_json, path_uuid, read_body
 from billing.observability.telemetry import USAGE_ROWS
+from billing.orchestration.temporal import BatchRefused, SyncStillRunning, run_usage_sync
 from billing.orchestration.usage_batches import (
     MAX_ROWS,
-    BatchRefused,
-    SyncStillRunning,
     batch_answer,
     held_back_of,
     parse_metrics,
-    run_usage_sync,
     stage_batch,
 )
 

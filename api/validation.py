@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from api.errors import ApiError, describe_validation_error
+from api.error_responses import ApiError, describe_validation_error
 from billing.domain.ids import canonical_uuid
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

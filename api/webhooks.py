@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from temporalio.service import RPCError
 
-from api.errors import ApiError
+from api.error_responses import ApiError
 from api.validation import parse_json, read_body
 from billing.adapters.stripe_client import is_refusal
 from billing.core.clock import utcnow
@@ -39,7 +39,7 @@ from billing.db.sql import query
 from billing.domain.ids import canonical_uuid, org_billing_id
 from billing.domain.stripe_events import BillingEvent, MalformedStripeEvent, parse_event
 from billing.observability.telemetry import WEBHOOK_EVENTS
-from billing.orchestration.org_billing import signal_org_billing
+from billing.orchestration.temporal import signal_org_billing
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from billing.adapters.stripe_client import make_stripe_client
 from billing.core.config import Settings
 from billing.db.pool import open_pool
 from billing.models.stripe_report import ReportTuning, StripeReportResult
-from billing.orchestration.reporting import start_stripe_reports
+from billing.orchestration.temporal import start_stripe_reports
 from billing.testing.scratch import scratch_database, throwaway_temporal_server
 from billing.testing.stripe_server import FakeStripe
 from worker import build_worker

@@ -30,7 +30,8 @@ from billing.core.config import Settings
 from billing.db.pool import open_pool
 from billing.db.sql import query
 from billing.models.usage_sync import UsageSyncResult
-from billing.orchestration.usage_batches import ParsedBatch, StagedRow, run_usage_sync, stage_batch
+from billing.orchestration.temporal import run_usage_sync
+from billing.orchestration.usage_batches import ParsedBatch, StagedRow, stage_batch
 from billing.testing.scratch import scratch_database, throwaway_temporal_server
 from worker import build_worker
 

@@ -42,7 +42,7 @@ from temporalio.client import Client
 from bench.quota import free_port, start
 from billing.db.sql import query
 from billing.domain.stripe_events import BillingEvent, parse_event
-from billing.orchestration.org_billing import signal_org_billing
+from billing.orchestration.temporal import signal_org_billing
 from billing.testing.scratch import scratch_database, throwaway_temporal_server
 
 SECRET = "whsec_bench_0123456789"

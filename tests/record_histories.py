@@ -29,9 +29,13 @@ from billing.models import MonthlyCloseInput
 from billing.models.org_billing import OperatorRequest, OrgBillingInput
 from billing.models.stripe_report import StorageOverageInput
 from billing.models.usage_sync import PullSyncInput
-from billing.orchestration.org_billing import operator_update, query_org_billing_state
-from billing.orchestration.temporal import start_monthly_reset
-from billing.orchestration.usage_batches import parse_metrics, run_usage_sync, stage_batch
+from billing.orchestration.temporal import (
+    operator_update,
+    query_org_billing_state,
+    run_usage_sync,
+    start_monthly_reset,
+)
+from billing.orchestration.usage_batches import parse_metrics, stage_batch
 from billing.testing import stripe_payloads as sp
 from billing.testing.scratch import (
     fresh_database,
@@ -148,8 +152,6 @@ async def record_usage_and_reports() -> list[Path]:
             finally:
                 await pool.close()
     return [_save(name, history) for name, history in histories.items()]
-
-
 
 
 async def _wait_for_retry(handle: WorkflowHandle[Any, Any], attempt: int = 2) -> None:

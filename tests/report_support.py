@@ -12,7 +12,7 @@ from temporalio.client import Client
 from billing.core.clock import utcnow
 from billing.core.config import Settings
 from billing.models.stripe_report import ReportTuning, StripeReportResult
-from billing.orchestration.reporting import start_stripe_reports
+from billing.orchestration.temporal import start_stripe_reports
 from billing.testing.stripe_server import FakeStripe
 from tests.conftest import make_settings
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from api.telemetry import STANDARD_METHODS
+from api.telemetry_middleware import STANDARD_METHODS
 from api.validation import MAX_ADMIN_BODY_BYTES
 from api.webhooks import MAX_BODY_BYTES as WEBHOOK_MAX_BODY_BYTES
 from billing.core.config import Settings

@@ -21,7 +21,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from temporalio.client import Client
 
 from api.app import create_app
-from billing.adapters.notifications import Dispatcher, body_of, signed_headers
+from billing.adapters.notification_delivery import Dispatcher, body_of, signed_headers
 from billing.core.clock import utcnow
 from billing.core.config import Settings
 from billing.models.notify import DeliveryResult, NotifyInput

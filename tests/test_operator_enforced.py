@@ -19,7 +19,7 @@ from temporalio.client import Client
 from billing.core.clock import utcnow
 from billing.domain.months import month_key
 from billing.models.org_billing import OperatorRequest
-from billing.orchestration.org_billing import operator_update
+from billing.orchestration.temporal import operator_update
 from billing.testing import stripe_payloads as sp
 from billing.testing.stripe_server import FakeStripe
 from tests.api_client import AUTH

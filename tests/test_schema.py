@@ -18,7 +18,7 @@ def test_schema_sql_matches_the_migrated_database(database_url: str) -> None:
             "migrated",
         )
     )
-    assert diff == "", f"sql/schema.sql is stale: run `python -m billing.testing.schema`\n{diff}"
+    assert diff == "", f"sql/schema.sql is stale: run `python -m billing.testing.write_schema`\n{diff}"
 
 
 def test_named_queries_are_grouped_by_concern_and_named_once() -> None:

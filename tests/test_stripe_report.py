@@ -14,7 +14,7 @@ from activities.stripe_reports import idempotency_key
 from billing.adapters.stripe_client import make_stripe_client
 from billing.domain.ids import stripe_report_id
 from billing.models.stripe_report import StripeReportResult
-from billing.orchestration.reporting import start_stripe_reports
+from billing.orchestration.temporal import start_stripe_reports
 from billing.read.reconcile import reconcile
 from billing.read.status import load_org_status
 from billing.testing.stripe_server import FakeStripe

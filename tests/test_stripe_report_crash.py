@@ -21,7 +21,7 @@ from temporalio.client import Client
 
 from billing.core.config import Settings
 from billing.models.stripe_report import StripeReportResult
-from billing.orchestration.reporting import start_stripe_reports
+from billing.orchestration.temporal import start_stripe_reports
 from billing.testing.stripe_server import FakeStripe
 from tests.conftest import VENV_BIN
 from tests.factories import make_org

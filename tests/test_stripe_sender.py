@@ -24,7 +24,7 @@ from billing.adapters.stripe_client import make_stripe_client
 from billing.core.errors import UserError
 from billing.db.report_ops import act_on_rows
 from billing.models.stripe_report import QueueStorageOverageInput, StripeReportResult
-from billing.orchestration.reporting import start_stripe_reports
+from billing.orchestration.temporal import start_stripe_reports
 from billing.read.reconcile import reconcile
 from billing.read.status import load_org_status
 from billing.testing.stripe_server import FakeStripe, sign_payload

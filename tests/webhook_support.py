@@ -18,7 +18,7 @@ from temporalio.client import Client
 from api.app import create_app
 from billing.core.config import Settings
 from billing.models.org_billing import OrgBillingView
-from billing.orchestration.org_billing import query_org_billing_state
+from billing.orchestration.temporal import query_org_billing_state
 from billing.testing.stripe_server import FakeStripe, sign_payload
 from tests.conftest import make_settings, running_worker
 from tests.factories import Org, make_org

@@ -256,7 +256,7 @@ async def _operator(args: argparse.Namespace, settings: Settings, action: str) -
     from billing.cli.services import open_services
     from billing.db.sql import query
     from billing.models.org_billing import OperatorRequest
-    from billing.orchestration.org_billing import operator_update
+    from billing.orchestration.temporal import operator_update
 
     request = OperatorRequest(reason=args.reason, request_id=uuid.uuid4().hex)
     async with open_services(settings, pool_size=1) as services:
@@ -392,7 +392,7 @@ async def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
     """Run one pull of the core service's metrics table now, through Temporal, and say what it did."""
-    from billing.orchestration.usage_sync import run_pull_now
+    from billing.orchestration.temporal import run_pull_now
 
     result = await run_pull_now(settings)
     if args.json:
@@ -481,7 +481,7 @@ async def cmd_report_pending(args: argparse.Namespace, settings: Settings) -> in
     from billing.cli.services import open_services
     from billing.core.clock import utcnow
     from billing.db.sql import query
-    from billing.orchestration.reporting import start_stripe_reports
+    from billing.orchestration.temporal import start_stripe_reports
 
     # No check of this shell's STRIPE_API_KEY: the workers send, and only their key matters (below).
     async with open_services(settings, pool_size=2) as services:
@@ -592,7 +592,7 @@ async def cmd_overview(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
     """An org's notifications to the product, newest first, with their delivery state."""
-    from billing.adapters.notifications import delivery_configured, org_notifications
+    from billing.adapters.notification_delivery import delivery_configured, org_notifications
     from billing.db.pool import database_pool
     from billing.db.sql import query
     from billing.read.overview import notifications_text

@@ -33,3 +33,8 @@ def stripe_report_id(org_id: str, hour: datetime) -> str:
 def org_billing_id(org_id: str) -> str:
     """``org-billing/{org_id}``: the one long-lived workflow that owns an org's billing state."""
     return f"org-billing/{org_id}"
+
+
+def notify_id(notification_id: int) -> str:
+    """``notify/{notification_id}``: one delivery workflow per notification."""
+    return f"notify/{notification_id}"

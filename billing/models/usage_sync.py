@@ -15,7 +15,7 @@ from billing.models import Model
 # A workflow result lists at most this many skipped orgs; the full list stays in usage_batch_skips.
 MAX_LISTED_SKIPS = 100
 # The workflow of a batch that left orgs out fails with this error type and its result as details, so
-# a retried push of the same batch may run it again (see billing.orchestration.usage_batches.run_usage_sync).
+# a retried push of the same batch may run it again (see billing.orchestration.temporal.run_usage_sync).
 PARTIAL_BATCH_ERROR = "UsageBatchPartiallyApplied"
 # An activity whose input can never work (a month that has not begun, a value out of range) fails with
 # this non-retryable error type and the reason, instead of being retried forever.

@@ -1,6 +1,6 @@
 """OpenTelemetry set-up: one trace from an HTTP request through Temporal to the Stripe call.
 
-The API's middleware opens the request's server span (api/telemetry.py); Temporal's TracingInterceptor,
+The API's middleware opens the request's server span (api/telemetry_middleware.py); Temporal's TracingInterceptor,
 on the client and so on every worker built from it, carries the context in workflow and activity
 headers (client start -> workflow -> activities -> workflows an activity starts -> their activities);
 the psycopg and httpx instrumentations add a span per SQL statement and per outgoing HTTP request

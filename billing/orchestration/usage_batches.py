@@ -1,11 +1,12 @@
-"""Usage batches: parse pushed counter rows, stage them in PostgreSQL, run ``usage-sync/{batch}``.
+"""Usage batches: parse pushed counter rows, stage them in PostgreSQL, read a batch's answer back.
+
+``usage-sync/{batch}`` is run by ``billing.orchestration.temporal.run_usage_sync``.
 
 Shared by the HTTP API, the benchmark and the tests, so that all three exercise the same path.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import uuid
@@ -14,15 +15,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
 from billing.db.sql import query
-from billing.domain.ids import usage_sync_id
 from billing.models import MAX_TAG_LENGTH, refuse_control_characters
-from billing.models.usage_sync import INPUT_ERROR, PARTIAL_BATCH_ERROR, UsageSyncInput, UsageSyncResult
-from workflows.usage_sync import UsageSyncWorkflow
 
 MAX_ROWS = 100_000
 FIELDS = ("project_id", "tag", "created_at", "updated_at", "increment")
@@ -151,74 +146,6 @@ async def stage_batch(pool: AsyncConnectionPool, batch: ParsedBatch, *, source: 
                 },
             )
     return True
-
-
-def partial_result(error: WorkflowFailureError) -> UsageSyncResult | None:
-    """The result carried by a batch workflow that failed only because it left orgs out."""
-    cause = error.cause
-    if isinstance(cause, ApplicationError) and cause.type == PARTIAL_BATCH_ERROR and cause.details:
-        return UsageSyncResult.model_validate(cause.details[0])
-    return None
-
-
-class SyncStillRunning(Exception):
-    """``usage-sync/{batch}`` did not finish within the caller's bound; it goes on running."""
-
-    def __init__(self, batch_id: str, seconds: float) -> None:
-        super().__init__(f"usage-sync/{batch_id} did not finish within {seconds:g} s; it is still running")
-        self.batch_id = batch_id
-        self.seconds = seconds
-
-
-class BatchRefused(Exception):
-    """``usage-sync/{batch}`` failed for its input (non-retryable); no retry of the same body helps."""
-
-
-async def run_usage_sync(
-    client: Client,
-    task_queue: str,
-    batch_id: str,
-    *,
-    reset_wait_seconds: float = 60.0,
-    answer_within: float | None = None,
-) -> UsageSyncResult:
-    """Run ``usage-sync/{batch_id}`` (or join the run that exists) and return its result.
-
-    A batch whose run completed is never run again: its result is fetched. A run that failed (it
-    held rows back because their org's month is not opened yet, or it was terminated) may run again,
-    and the new run applies only what is still missing. Waits at most ``answer_within`` seconds
-    (SyncStillRunning after that; the run goes on, and the same batch later joins or reads it back).
-    BatchRefused when the run failed for its input.
-    """
-    workflow_id = usage_sync_id(batch_id)
-    try:
-        handle = await client.start_workflow(
-            UsageSyncWorkflow.run,
-            UsageSyncInput(batch_id=batch_id, reset_wait_seconds=reset_wait_seconds),
-            id=workflow_id,
-            task_queue=task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            static_summary=f"Apply usage batch {batch_id}",
-        )
-    except WorkflowAlreadyStartedError:
-        handle = client.get_workflow_handle(workflow_id, result_type=UsageSyncResult)
-    try:
-        if answer_within is None:
-            return await handle.result()
-        return await asyncio.wait_for(handle.result(), answer_within)
-    except TimeoutError:
-        raise SyncStillRunning(batch_id, answer_within or 0.0) from None
-    except WorkflowFailureError as exc:
-        partial = partial_result(exc)
-        if partial is not None:
-            return partial
-        cause = exc.cause
-        while cause is not None:
-            if isinstance(cause, ApplicationError) and cause.type == INPUT_ERROR:
-                raise BatchRefused(cause.message) from None
-            cause = cause.cause
-        raise
 
 
 async def batch_answer(pool: AsyncConnectionPool, batch_id: str) -> dict[str, list[dict[str, Any]]]:

@@ -143,7 +143,7 @@ async def add_temporal_view(status: OrgStatus, client: Client | None) -> None:
     An on-call engineer needs the org's numbers most when Temporal is in trouble: its failure never
     hides what PostgreSQL knows.
     """
-    from billing.orchestration.org_billing import query_org_billing_state
+    from billing.orchestration.temporal import query_org_billing_state
 
     if client is None:
         status.temporal_error = "Temporal is not reachable"

@@ -1,4 +1,4 @@
-"""``python -m billing.testing.schema``: write ``sql/schema.sql`` from a freshly migrated throwaway database.
+"""``python -m billing.testing.write_schema``: write ``sql/schema.sql`` from a freshly migrated throwaway database.
 
 Run it after adding a migration; tests/test_schema.py fails until the file matches (billing.db.schema).
 """

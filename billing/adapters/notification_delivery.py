@@ -17,21 +17,13 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 from standardwebhooks.webhooks import Webhook
 from temporalio.client import Client
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from billing.core.config import Settings
 from billing.db.sql import query
-from billing.models.notify import DispatchResult, NotifyInput
-from billing.models.search_attributes import ORG_ID
-from workflows.notify import NotifyWorkflow
+from billing.models.notify import DispatchResult
+from billing.orchestration.temporal import start_notification_delivery
 
 NOT_CONFIGURED = "BILLING_NOTIFY_URL or BILLING_NOTIFY_SECRET is not set: recorded, not delivered"
-
-
-def notify_id(notification_id: int) -> str:
-    """``notify/{notification_id}``: one delivery workflow per notification."""
-    return f"notify/{notification_id}"
 
 
 def delivery_configured(settings: Settings) -> bool:
@@ -86,23 +78,13 @@ class Dispatcher:
             await self._mark(waiting, "not_configured", NOT_CONFIGURED)
             return DispatchResult(not_configured=len(waiting))
         for notification_id in waiting:
-            try:
-                await self.client.start_workflow(
-                    NotifyWorkflow.run,
-                    NotifyInput(
-                        notification_id=notification_id,
-                        first_retry_seconds=self.settings.notify_retry_seconds,
-                    ),
-                    id=notify_id(notification_id),
-                    task_queue=self.task_queue,
-                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                    search_attributes=TypedSearchAttributes(
-                        [SearchAttributePair(ORG_ID, orgs[notification_id])]
-                    ),
-                    static_summary=f"Deliver notification {notification_id} to BILLING_NOTIFY_URL",
-                )
-            except WorkflowAlreadyStartedError:
-                pass
+            await start_notification_delivery(
+                self.client,
+                self.task_queue,
+                notification_id,
+                orgs[notification_id],
+                first_retry_seconds=self.settings.notify_retry_seconds,
+            )
         await self._mark(waiting, "delivering", None)
         return DispatchResult(started=len(waiting))
 
