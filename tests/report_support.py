@@ -15,6 +15,7 @@ from billing.models.stripe_report import ReportTuning, StripeReportResult
 from billing.orchestration.temporal import start_stripe_reports
 from billing.testing.stripe_server import FakeStripe
 from tests.conftest import make_settings
+from tests.factories import Org, make_org
 
 # Short retry intervals so a 429 storm or a killed worker is recovered from in seconds, not minutes (a
 # killed worker's claim is taken over once its 3 s lease expires). The heartbeat timeout is not short
@@ -34,6 +35,12 @@ def this_hour() -> datetime:
     """The current UTC hour (of ``billing.core.clock``): inside this month, and within Stripe's 35-day
     window. Read it once per test: two reads may straddle hh:00."""
     return utcnow().replace(minute=0, second=0, microsecond=0)
+
+
+async def pro_org_with_customer(pool: AsyncConnectionPool, fake: FakeStripe) -> tuple[Org, str]:
+    """A ``pro`` org whose Stripe customer exists at ``fake``; returns the org and the customer id."""
+    customer = fake.add_customer()
+    return await make_org(pool, plan="pro", stripe_customer_id=customer), customer
 
 
 def stripe_settings(database_url: str, client: Client, fake: FakeStripe, **overrides: str) -> Settings:

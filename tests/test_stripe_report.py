@@ -25,6 +25,7 @@ from tests.report_support import (
     counted_identifiers,
     meter_event_requests,
     outbox,
+    pro_org_with_customer,
     queue_rows,
     report,
     stripe_settings,
@@ -61,8 +62,7 @@ async def test_each_pending_row_becomes_one_meter_event_oldest_first(
 ) -> None:
     hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, customer = await pro_org_with_customer(pool, fake)
         identifiers = await queue_rows(pool, org.id, [5, 7, 11], hour=hour)
         identifiers += await queue_rows(pool, org.id, [3], tag="space.learned", hour=hour)
         settings = stripe_settings(database_url, client, fake)
@@ -126,8 +126,7 @@ async def test_a_429_and_5xx_storm_sends_everything_eventually_oldest_first(
 ) -> None:
     hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, customer = await pro_org_with_customer(pool, fake)
         identifiers = await queue_rows(pool, org.id, list(range(1, 9)), hour=hour)
         fake.fail_next(3, status=429)
         fake.fail_next(1, status=503)
@@ -156,8 +155,7 @@ async def test_two_overlapping_reports_of_one_org_send_each_row_once_in_order(
 ) -> None:
     hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, _customer = await pro_org_with_customer(pool, fake)
         identifiers = await queue_rows(pool, org.id, [1] * 12, hour=hour)
         fake.slow_next(4, 0.2, path_prefix="/v1/billing/meter_events")
         settings = stripe_settings(database_url, client, fake)
@@ -201,8 +199,7 @@ async def test_a_refused_row_fails_with_stripes_message_and_the_others_are_sent(
     hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     # A value Stripe cannot read is the row's own fault: that row fails with Stripe's message.
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, _customer = await pro_org_with_customer(pool, fake)
         first = await queue_rows(pool, org.id, [4], hour=hour)
         refused = await queue_rows(pool, org.id, [9], tag="space.learned", hour=hour)
         last = await queue_rows(pool, org.id, [6], hour=hour)
@@ -294,8 +291,7 @@ async def test_without_a_key_rows_stay_pending_then_the_hourly_job_sends_them_on
     from billing.models.stripe_report import StorageOverageInput, StorageOverageResult
 
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, _customer = await pro_org_with_customer(pool, fake)
         identifiers = await queue_rows(pool, org.id, [3, 1, 2], hour=hour)
         keyless = make_settings(database_url, client)
         async with running_worker(keyless, pool, client):
@@ -355,8 +351,7 @@ async def test_the_start_activity_the_sync_calls_starts_or_signals_one_report_pe
     from billing.models.stripe_report import StartPendingReportsInput
 
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, _customer = await pro_org_with_customer(pool, fake)
         batch = uuid.uuid4().hex[:12]
         identifiers = await queue_rows(pool, org.id, [2, 4], hour=hour, batch=batch)
         settings = stripe_settings(database_url, client, fake)

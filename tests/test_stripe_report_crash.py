@@ -31,6 +31,7 @@ from tests.report_support import (
     counted_identifiers,
     meter_event_requests,
     outbox,
+    pro_org_with_customer,
     queue_rows,
     stripe_settings,
     this_hour,
@@ -123,8 +124,7 @@ async def test_a_worker_killed_mid_report_and_restarted_counts_every_row_once_an
 ) -> None:
     hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, customer = await pro_org_with_customer(pool, fake)
         identifiers = await queue_rows(pool, org.id, [1, 2, 3, 4, 5, 6], hour=hour)
         settings = stripe_settings(database_url, client, fake)
         # Rows 1 and 2 are counted and recorded, each in its own short transaction; row 3 is inside
@@ -270,8 +270,7 @@ async def test_reconcile_exits_1_when_only_unsettled_units_differ_though_every_m
     hour = this_hour()  # read once: a test that crosses hh:00 still means one hour
     month = f"{hour:%Y-%m}"
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, customer = await pro_org_with_customer(pool, fake)
         (sent,) = await queue_rows(pool, org.id, [3], hour=hour)
         settings = stripe_settings(database_url, client, fake)
         async with running_worker(settings, pool, client):

@@ -36,6 +36,7 @@ from tests.report_support import (
     counted_identifiers,
     meter_event_requests,
     outbox,
+    pro_org_with_customer,
     queue_rows,
     report,
     stripe_settings,
@@ -62,8 +63,7 @@ async def test_slow_calls_outlive_a_short_idle_transaction_timeout_and_hold_no_c
     # Old code: one transaction across the page, killed by the idle timeout before it could commit.
     monkeypatch.setattr(stripe_reports, "_IDLE_IN_TRANSACTION_TIMEOUT", "300ms")
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, _customer = await pro_org_with_customer(pool, fake)
         identifiers = await queue_rows(pool, org.id, [1, 2, 3], hour=hour)
         fake.slow_next(3, 1.0, path_prefix=METER_EVENTS)
         settings = stripe_settings(database_url, client, fake)
@@ -93,8 +93,7 @@ async def test_a_500_on_the_first_attempt_is_counted_once_under_the_rows_next_ke
 ) -> None:
     hour = this_hour()  # read once: two reads may straddle hh:00
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, customer = await pro_org_with_customer(pool, fake)
         identifiers = await queue_rows(pool, org.id, [7, 8], hour=hour)
         fake.fail_next(1, status=500, path_prefix=METER_EVENTS)
         settings = stripe_settings(database_url, client, fake)
@@ -135,8 +134,7 @@ async def test_counted_then_killed_and_past_the_horizon_is_uncertain_never_resen
 ) -> None:
     hour = this_hour()  # read once: two reads may straddle hh:00
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, customer = await pro_org_with_customer(pool, fake)
         counted, waiting = await queue_rows(pool, org.id, [5, 6], hour=hour)
         # A worker claimed the first row, Stripe counted it, and the worker died before the record;
         # then the database was unavailable past the horizon (the first attempt is backdated 21 h).
@@ -211,8 +209,7 @@ async def test_a_configuration_refusal_leaves_every_row_pending_then_drains_once
 ) -> None:
     hour = this_hour()  # read once: two reads may straddle hh:00
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, _customer = await pro_org_with_customer(pool, fake)
         identifiers = await queue_rows(pool, org.id, [1, 2, 3], hour=hour)
         fake.remove_meter("agent_tasks")
         before = (
@@ -258,8 +255,7 @@ async def test_a_failed_row_is_sent_again_by_an_operator_under_a_derived_identif
 ) -> None:
     hour = this_hour()  # read once: two reads may straddle hh:00
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, customer = await pro_org_with_customer(pool, fake)
         failing, kept, written_off = await queue_rows(pool, org.id, [4, 5, 6], hour=hour)
         fake.fail_next(1, status=400, path_prefix=METER_EVENTS)
         settings = stripe_settings(database_url, client, fake)
@@ -311,8 +307,7 @@ async def test_a_meter_error_notification_is_recorded_counted_and_shown_in_statu
     hour = this_hour()  # read once: two reads may straddle hh:00
     secret = "whsec_meter_errors"
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, _customer = await pro_org_with_customer(pool, fake)
         (identifier,) = await queue_rows(pool, org.id, [3], hour=hour)
         settings = stripe_settings(database_url, client, fake, STRIPE_WEBHOOK_SECRET=secret)
         async with running_worker(settings, pool, client):
@@ -433,8 +428,7 @@ async def test_late_usage_and_a_row_older_than_35_days_are_stamped_at_send_time_
 ) -> None:
     hour = this_hour()  # read once: two reads may straddle hh:00
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, _customer = await pro_org_with_customer(pool, fake)
         in_period = await queue_rows(pool, org.id, [2], hour=hour)
         # Two months back: its month ended far more than the grace ago (the invoice is final).
         old_month = (hour.replace(day=1) - timedelta(days=32)).replace(day=1)
@@ -595,8 +589,7 @@ async def test_a_rotated_key_401_keeps_rows_pending_and_retrying_and_the_new_key
     hour = this_hour()
     new_key = "sk_test_rotated_key"
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, customer = await pro_org_with_customer(pool, fake)
         identifiers = await queue_rows(pool, org.id, [2, 3], hour=hour)
         fake.set_api_key(new_key)  # the key the workers hold was rolled in Stripe
         settings = stripe_settings(database_url, client, fake)
@@ -639,8 +632,7 @@ async def test_a_restricted_key_403_keeps_rows_pending_and_retrying_until_grante
     retried with the same key; once the key may write meter events, each row is counted once."""
     hour = this_hour()
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, customer = await pro_org_with_customer(pool, fake)
         identifiers = await queue_rows(pool, org.id, [4, 6], hour=hour)
         fake.forbid_key(TEST_KEY, path_prefix=METER_EVENTS)
         settings = stripe_settings(database_url, client, fake)
@@ -683,8 +675,7 @@ async def test_a_409_key_in_use_is_retried_under_the_same_key_and_the_row_counte
     Temporal backs off; the retry is counted once."""
     hour = this_hour()
     with FakeStripe() as fake:
-        customer = fake.add_customer()
-        org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+        org, customer = await pro_org_with_customer(pool, fake)
         identifiers = await queue_rows(pool, org.id, [7, 9], hour=hour)
         fake.fail_next(2, status=409, path_prefix=METER_EVENTS)
         settings = stripe_settings(database_url, client, fake)

@@ -28,8 +28,7 @@ from billing.observability.tracing import otlp_requested
 from billing.orchestration.temporal import connect
 from billing.testing.stripe_server import FakeStripe
 from tests.conftest import API_TOKEN, running_worker
-from tests.factories import make_org
-from tests.report_support import stripe_settings
+from tests.report_support import pro_org_with_customer, stripe_settings
 from tests.usage_support import day_start, row, utc_now
 
 
@@ -65,8 +64,7 @@ async def test_a_push_and_its_stripe_call_share_one_trace(
     fake: FakeStripe,
     spans: InMemorySpanExporter,
 ) -> None:
-    customer = fake.add_customer()
-    org = await make_org(pool, plan="pro", stripe_customer_id=customer)
+    org, customer = await pro_org_with_customer(pool, fake)
     settings = stripe_settings(database_url, client, fake)
     traced = await connect(settings)  # the production client: the tracing interceptor on it and its workers
     traced_pool = await open_pool(database_url, max_size=5)  # opened after instrumenting psycopg
