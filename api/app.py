@@ -13,6 +13,7 @@ from temporalio.client import Client
 from api import admin, health, meter_errors, usage, webhooks
 from api.error_responses import EXCEPTION_HANDLERS
 from api.quota import QuotaFastPath
+from api.quota_cache import QuotaFlagCache
 from api.schemas import openapi_document
 from api.telemetry_middleware import TelemetryMiddleware
 from billing.adapters.stripe_client import API_STRIPE_TIMEOUT_SECONDS, make_stripe_client
@@ -52,4 +53,7 @@ def create_app(settings: Settings, pool: AsyncConnectionPool, client: Client) ->
     # The API's one Stripe client (None without STRIPE_API_KEY): webhook lookups, meter error details.
     app.state.stripe = make_stripe_client(settings, timeout=API_STRIPE_TIMEOUT_SECONDS)
     app.state.api_token = settings.require_api_token()
+    # Quota flags in memory (api/quota_cache.py); it answers once its owner runs it (billing api does),
+    # until then every check reads the database.
+    app.state.flag_cache = QuotaFlagCache(settings.database_url) if settings.database_url else None
     return app

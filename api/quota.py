@@ -1,14 +1,16 @@
-"""The quota check's database read, shared by the checks that arrive together.
+"""The quota check: answered from memory while memory is provably fresh, else from a shared read.
 
-Every answer comes from a read of ``quota_flags`` that *began after the request arrived*: a request
-joins the next read, never one already running (that one may have started before the request, and
-so before a flag it should see was committed). So whatever was committed before a check arrived is
-enforced by that check, in every API process, with no cache to go stale: when an operator's block
-returns (its update returns after the flags are committed), the next quota check answers 403.
+A well-formed check (``QuotaFastPath``) is answered from the process's flag cache (api/quota_cache.py)
+when the cache holds every flag committed at least ``QUOTA_CACHE_MAX_AGE_SECONDS`` ago and the project
+has no change in flight; in practice a commit is enforced within milliseconds, once its notification
+arrives. Otherwise (the cache stale, reconnecting or not running, a project just changed, and the
+framework's own route) the answer comes from a read of ``quota_flags`` that *began after the request
+arrived*: a request joins the next read, never one already running (that one may have started before
+the request, and so before a flag it should see was committed).
 
-What it saves is the per-request cost: at 32 concurrent checks one statement (one pool checkout, one
-round trip, prepared after a few runs) answers all the checks that arrived in one turn of the event
-loop, instead of one statement each.
+The reads are shared: at 32 concurrent checks one statement (one pool checkout, one round trip,
+prepared after a few runs) answers all the checks that arrived in one turn of the event loop, instead
+of one statement each.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.quota_cache import QuotaFlagCache
 from billing.db.sql import query
 from billing.domain.ids import canonical_uuid
-from billing.observability.telemetry import HTTP_LATENCY, HTTP_REQUESTS, tracer
+from billing.observability.telemetry import HTTP_LATENCY, HTTP_REQUESTS, QUOTA_CHECK_SOURCES, tracer_provider
 
 # Writes the product's gateway asks about: they consume quota, so a flagged project is refused.
 _QUOTA_WRITES = re.compile(r"^/api/v1/(session/[^/]+/messages|disk/[^/]+/artifact)/?$")
@@ -129,8 +132,17 @@ _PREFIX = "/v1/projects/"
 _SUFFIX = "/quota"
 _ROUTE = "/v1/projects/{project_id}/quota"
 _SPAN_NAME = f"GET {_ROUTE}"
-_HEADERS = [(b"content-type", b"application/json")]
 _ANSWERS = {200: b'{"msg":"ok"}', 403: b'{"msg":"quota exceeded"}'}
+_HEADERS = {
+    status: [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    for status, body in _ANSWERS.items()
+}
+
+
+async def _respond(send: Send, status: int) -> None:
+    """The check's answer, from prepared bytes."""
+    await send({"type": "http.response.start", "status": status, "headers": _HEADERS[status]})
+    await send({"type": "http.response.body", "body": _ANSWERS[status]})
 
 
 class QuotaFastPath:
@@ -150,9 +162,12 @@ class QuotaFastPath:
         self._token: bytes | None = None
         self._counted: dict[int, object] = {}
         self._latency = HTTP_LATENCY.labels("GET", _ROUTE)
-        # The SDK tracer of the process's provider, looked up once (a lookup per request costs more
+        self._from_memory = QUOTA_CHECK_SOURCES.labels("memory")
+        self._reads = QUOTA_CHECK_SOURCES.labels("read")
+        # The process's provider and its SDK tracer, looked up once (a lookup per request costs more
         # than the span); exporters added to that provider later still see these spans.
-        self._tracer = tracer()
+        self._provider = tracer_provider()
+        self._tracer = self._provider.get_tracer("billing")
 
     def _authorized(self, scope: Scope) -> bool:
         if self._token is None:
@@ -185,41 +200,43 @@ class QuotaFastPath:
         params = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
         status = 200
         if quota_consuming(params.get("method", "GET"), params.get("path", "")):
+            cache: QuotaFlagCache | None = scope["app"].state.flag_cache
+            flagged = cache.answer(project_id) if cache is not None else None
             try:
-                flagged = await flag_lookup(scope["app"]).flagged(project_id)
+                if flagged is None:
+                    flagged = await flag_lookup(scope["app"]).flagged(project_id)
+                    self._reads.inc()
+                else:
+                    self._from_memory.inc()
             except Exception:
                 # The normal stack reads again and answers the failure in the API's shape (and
                 # records the request's one span).
                 await self.app(scope, receive, send)
                 return
             status = 403 if flagged else 200
-        # The span is made once the answer is known (backdated to the request's start), in one call
-        # with its attributes and without becoming the current span (nothing runs inside it): the
-        # cheapest way the SDK records one. A failed read gets the framework's span instead, so every
-        # request has exactly one.
-        span = self._tracer.start_span(
-            _SPAN_NAME,
-            kind=trace.SpanKind.SERVER,
-            start_time=started_ns,
-            attributes={
-                "http.request.method": "GET",
-                "http.route": _ROUTE,
-                "authenticated": True,
-                "http.response.status_code": status,
-            },
-        )
-        try:
-            body = _ANSWERS[status]
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [*_HEADERS, (b"content-length", str(len(body)).encode())],
-                }
+        if getattr(self._provider, "has_processors", True):
+            # The span is made once the answer is known (backdated to the request's start), in one
+            # call with its attributes and without becoming the current span (nothing runs inside
+            # it): the cheapest way the SDK records one. A failed read gets the framework's span
+            # instead, so every request has exactly one. With no processor (no exporter) to receive
+            # it, none is made: the SDK would build it anyway, at the cost of the rest of the check.
+            span = self._tracer.start_span(
+                _SPAN_NAME,
+                kind=trace.SpanKind.SERVER,
+                start_time=started_ns,
+                attributes={
+                    "http.request.method": "GET",
+                    "http.route": _ROUTE,
+                    "authenticated": True,
+                    "http.response.status_code": status,
+                },
             )
-            await send({"type": "http.response.body", "body": body})
-        finally:
-            span.end()
+            try:
+                await _respond(send, status)
+            finally:
+                span.end()
+        else:
+            await _respond(send, status)
         counter = self._counted.get(status)
         if counter is None:
             counter = self._counted[status] = HTTP_REQUESTS.labels("GET", _ROUTE, str(status))

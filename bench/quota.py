@@ -9,6 +9,9 @@ uvicorn set-up (bench/bare.py), and drives each with ``bench.loadgen`` in a proc
 ``concurrency`` keep-alive connections, ``requests`` answers. The rounds alternate bare and API so
 that the machine's noise hits both alike; the ratio is the API's rate over the bare one's, per round.
 
+The API processes answer from their flag cache (api/quota_cache.py) once it is fresh; the bench prints
+how many checks were answered from memory and how many from a database read.
+
 Enforcement: a flag committed (and then removed) straight in ``quota_flags``; the time from the
 commit until each API process answers 403 (then 200) is measured, per process, over several trials.
 """
@@ -80,6 +83,17 @@ def load(port: int, paths_file: str, requests: int, concurrency: int) -> dict[st
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     return json.loads(out.stdout)
+
+
+def answer_sources(port: int) -> dict[str, int]:
+    """How the API process answered quota checks so far: from memory or from a database read."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    sources = {}
+    for line in text.splitlines():
+        if line.startswith("billing_quota_checks_total{"):
+            name, value = line.rsplit(" ", 1)
+            sources[name.split('"')[1]] = int(float(value))
+    return sources
 
 
 async def enforcement_lag(
@@ -165,6 +179,7 @@ async def main(argv: list[str] | None = None) -> int:
                     bare = load(bare_port, str(paths), args.requests, args.concurrency)
                     api = load(api_ports[0], str(paths), args.requests, args.concurrency)
                     rounds.append((bare, api))
+                sources = answer_sources(api_ports[0])
                 lags = await enforcement_lag(url, api_ports, project_ids[0], org_ids[0], trials=20)
             finally:
                 for process in processes:
@@ -183,6 +198,7 @@ async def main(argv: list[str] | None = None) -> int:
                 f"  p99 {result['p99_ms']:6.1f} ms  statuses {result['statuses']}"
             )
         print(f"  round {n}, ratio api / bare {api['rps'] / bare['rps']:>21.2f}")  # type: ignore[operator]
+    print(f"  billing api answers by source (warm-up and rounds): {sources}")
     print(
         f"  flag enforced by both API processes after commit: max {1000 * max(lags):.1f} ms,"
         f" median {1000 * sorted(lags)[len(lags) // 2]:.1f} ms over {len(lags)} (process, change) pairs"

@@ -888,6 +888,34 @@ BEGIN
 END
 $function$;
 
+CREATE OR REPLACE FUNCTION public.notify_quota_flags_changed()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_projects uuid[];
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        PERFORM pg_notify('quota_flags', '*');
+        RETURN NULL;
+    ELSIF TG_OP = 'INSERT' THEN
+        SELECT array_agg(DISTINCT project_id) INTO v_projects FROM new_rows;
+    ELSIF TG_OP = 'DELETE' THEN
+        SELECT array_agg(DISTINCT project_id) INTO v_projects FROM old_rows;
+    ELSE
+        SELECT array_agg(project_id) INTO v_projects
+        FROM ((SELECT project_id FROM old_rows EXCEPT SELECT project_id FROM new_rows)
+              UNION
+              (SELECT project_id FROM new_rows EXCEPT SELECT project_id FROM old_rows)) AS moved;
+    END IF;
+    PERFORM pg_notify('quota_flags', string_agg(project_id::text, ',' ORDER BY project_id))
+    FROM (SELECT project_id, (row_number() OVER (ORDER BY project_id) - 1) / 200 AS chunk
+          FROM unnest(v_projects) AS p (project_id)) AS numbered
+    GROUP BY chunk;
+    RETURN NULL;
+END
+$function$;
+
 CREATE OR REPLACE FUNCTION public.recompute_quota_flags(p_org_ids uuid[], p_month date)
  RETURNS integer
  LANGUAGE plpgsql
@@ -1164,3 +1192,11 @@ AS $function$ SELECT interval '5 minutes' $function$;
 -- Triggers
 
 CREATE TRIGGER organization_billing_notify AFTER INSERT OR UPDATE OF payment_status, plan ON public.organization_billing FOR EACH ROW EXECUTE FUNCTION notify_billing_change();
+
+CREATE TRIGGER quota_flags_deleted AFTER DELETE ON public.quota_flags REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION notify_quota_flags_changed();
+
+CREATE TRIGGER quota_flags_inserted AFTER INSERT ON public.quota_flags REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION notify_quota_flags_changed();
+
+CREATE TRIGGER quota_flags_truncated AFTER TRUNCATE ON public.quota_flags FOR EACH STATEMENT EXECUTE FUNCTION notify_quota_flags_changed();
+
+CREATE TRIGGER quota_flags_updated AFTER UPDATE ON public.quota_flags REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION notify_quota_flags_changed();

@@ -9,14 +9,17 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import httpx
+import psycopg
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from billing.core.config import QUOTA_CACHE_MAX_AGE_SECONDS
 from billing.testing.scratch import fresh_database
 from billing.testing.stripe_server import sign_payload
 from tests.conftest import API_TOKEN
@@ -34,6 +37,7 @@ WEBHOOK_SECRET = "whsec_process_test_0123456789"
 MB = 1024 * 1024
 GROWTH_LIMIT_KB = 50 * 1024
 CHUNK = b"x" * 65536
+WRITE = {"path": "/api/v1/session/s1/messages", "method": "POST"}
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +224,37 @@ def test_worker_stops_within_10_s_with_work_in_flight(
         api_code = api.proc.wait(timeout=STOP_SECONDS)
         push.join(timeout=STOP_SECONDS)
     assert (code, api_code) == (0, 0)
+
+
+def _memory_answers(http: httpx.Client) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith('billing_quota_checks_total{source="memory"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_the_api_process_answers_quota_checks_from_memory_and_enforces_a_commit_within_the_bound(
+    api: Process, process_database: str
+) -> None:
+    project = str(uuid.uuid4())
+    check = f"/v1/projects/{project}/quota"
+    with httpx.Client(base_url=api.base_url, headers=AUTH, timeout=30) as http:
+        deadline = time.monotonic() + 30
+        while True:  # until the process's flag cache follows PostgreSQL
+            before = _memory_answers(http)
+            assert http.get(check, params=WRITE).status_code == 200
+            if _memory_answers(http) > before:
+                break
+            assert time.monotonic() < deadline, "the API never answered from memory"
+            time.sleep(0.05)
+        with psycopg.connect(process_database, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO quota_flags (project_id, tag, organization_id, reason, month) VALUES"
+                " (%s, 'task.created', gen_random_uuid(), 'over_limit', date_trunc('month', now())::date)",
+                [project],
+            )
+        committed = time.monotonic()
+        while (status := http.get(check, params=WRITE).status_code) != 403:
+            assert status == 200
+            # A request sent once the commit is QUOTA_CACHE_MAX_AGE_SECONDS old is answered 403.
+            assert time.monotonic() - committed < QUOTA_CACHE_MAX_AGE_SECONDS, "stale past the bound"

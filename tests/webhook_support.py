@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
 from temporalio.client import Client
 
 from api.app import create_app
@@ -38,6 +39,7 @@ class Harness:
     client: Client
     http: httpx.AsyncClient
     fake: FakeStripe | None
+    app: Starlette
     delivered: set[str] = field(default_factory=set)
 
     async def post(self, payload: dict[str, Any] | bytes, *, signature: str | None = None) -> httpx.Response:
@@ -125,9 +127,9 @@ async def harness(
     async with httpx.AsyncClient(transport=transport, base_url="http://billing.test") as http:
         if worker:
             async with running_worker(settings, pool, client):
-                yield Harness(settings, pool, client, http, fake)
+                yield Harness(settings, pool, client, http, fake, app)
         else:
-            yield Harness(settings, pool, client, http, fake)
+            yield Harness(settings, pool, client, http, fake, app)
 
 
 async def paid_org(pool: AsyncConnectionPool, plan: str = "pro", projects: int = 2) -> Org:

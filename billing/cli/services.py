@@ -136,6 +136,7 @@ async def serve_until_stopped(
     worker = None
     server = None
     metrics_server = None
+    flag_cache_task: asyncio.Task[None] | None = None
     if run_worker:
         await ensure_schedules(services.client, services.settings.task_queue)
         worker = build_worker(services.settings, services.pool, services.client)
@@ -154,6 +155,9 @@ async def serve_until_stopped(
         check_port_free(services.settings)
         host, port = services.settings.http_host_port
         app = create_app(services.settings, services.pool, services.client)
+        if app.state.flag_cache is not None:
+            # Not among `tasks`: it runs until cancelled below, reconnecting by itself.
+            flag_cache_task = asyncio.create_task(app.state.flag_cache.run())
         server = uvicorn.Server(uvicorn_config(app, host, port))
         # uvicorn installs its own signal handlers; ours decide when to stop.
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -171,7 +175,9 @@ async def serve_until_stopped(
     if worker is not None:
         await worker.shutdown()
     stopper.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    if flag_cache_task is not None:
+        flag_cache_task.cancel()
+    await asyncio.gather(*tasks, *([flag_cache_task] if flag_cache_task else []), return_exceptions=True)
     for task in done:
         if task is not stopper and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]

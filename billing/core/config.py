@@ -37,6 +37,11 @@ _ENV_NAMES = {
 # client re-pushes a batch within minutes; a shorter retention would purge what still deduplicates.
 MIN_RETENTION = timedelta(days=7)
 
+# An API process answers quota checks from memory only while that memory provably holds every flag
+# committed this long ago (api/quota_cache.py); an operator block waits this long after its commit
+# before it is acknowledged, so that every API process enforces it by then.
+QUOTA_CACHE_MAX_AGE_SECONDS = 0.5
+
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

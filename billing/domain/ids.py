@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
+
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def canonical_uuid(text: str) -> str:
@@ -12,6 +15,8 @@ def canonical_uuid(text: str) -> str:
     The one check of an org or project id at every boundary (API paths, the quota fast path, the
     CLI, webhook metadata, activity input); each turns the ValueError into its own kind of refusal.
     """
+    if _CANONICAL_UUID.fullmatch(text):
+        return text  # what str(uuid.UUID(text)) gives, at a tenth of the cost (the quota check's path)
     return str(uuid.UUID(text))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from prometheus_client import Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter(
@@ -14,9 +14,26 @@ USAGE_ROWS = Counter("billing_usage_rows_total", "Counter rows received", ["outc
 WEBHOOK_EVENTS = Counter(
     "billing_webhook_deliveries_total", "Stripe webhook deliveries by answer", ["status"]
 )
+QUOTA_CHECK_SOURCES = Counter(
+    "billing_quota_checks_total",
+    "Quota checks of quota-consuming writes, by where the answer came from: memory (the flag cache,"
+    " fresh) or read (the database, while the cache is stale, reconnecting or the project changing)",
+    ["source"],
+)
 STRIPE_REPORTS = Counter(
     "billing_stripe_reports_total", "Outbox rows settled by the Stripe reporter", ["outcome"]
 )
+
+
+class BillingTracerProvider(TracerProvider):
+    """The SDK's tracer provider, which also tells whether a span would reach any span processor."""
+
+    has_processors = False
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        """Add a processor (an exporter's, a test's); from now on spans are worth recording."""
+        super().add_span_processor(span_processor)
+        self.has_processors = True
 
 
 def tracer_provider() -> TracerProvider:
@@ -27,7 +44,7 @@ def tracer_provider() -> TracerProvider:
     """
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
+        provider = BillingTracerProvider()
         trace.set_tracer_provider(provider)
     return provider
 
@@ -35,6 +52,8 @@ def tracer_provider() -> TracerProvider:
 def tracer() -> trace.Tracer:
     """The tracer of the billing service."""
     return tracer_provider().get_tracer("billing")
+
+
 STRIPE_REPORT_FAILURES = Counter(
     "billing_stripe_report_failures_total",
     "Outbox rows Stripe refused for their own fault (state failed), by Stripe's error code",
@@ -56,6 +75,7 @@ STRIPE_OUTBOX = Gauge(
     ["state"],
 )
 STRIPE_OUTBOX_UNITS = Gauge(
-    "billing_stripe_outbox_units", "Units of overage in the outbox by state (see billing_stripe_outbox_rows)",
+    "billing_stripe_outbox_units",
+    "Units of overage in the outbox by state (see billing_stripe_outbox_rows)",
     ["state"],
 )

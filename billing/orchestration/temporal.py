@@ -45,7 +45,7 @@ from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from billing.core.clock import current_month
-from billing.core.config import Settings
+from billing.core.config import QUOTA_CACHE_MAX_AGE_SECONDS, Settings
 from billing.core.errors import ConfigError
 from billing.domain.hours import hour_key
 from billing.domain.ids import monthly_reset_id, notify_id, org_billing_id, stripe_report_id, usage_sync_id
@@ -505,9 +505,11 @@ async def operator_update(
     """`billing block` / `billing unblock`: a Temporal Update of ``org-billing/{org_id}``, starting the
     workflow first if it is not running (update-with-start, one request).
 
-    Returns the org's state once the billing row and the quota flags are committed: the next quota check
-    of any project of the org already sees the new status. A retried call with the same
-    `request.request_id` is applied once.
+    Returns the org's state once the billing row and the quota flags are committed and every API
+    process enforces them: API processes answer quota checks from memory that holds every flag
+    committed ``QUOTA_CACHE_MAX_AGE_SECONDS`` ago (api/quota_cache.py), so the call waits that long
+    after the update's answer. The next quota check of any project of the org then sees the new status.
+    A retried call with the same `request.request_id` is applied once.
     """
     start = WithStartWorkflowOperation(
         OrgBillingWorkflow.run,
@@ -521,9 +523,11 @@ async def operator_update(
         static_summary=f"Payment state machine of org {org_id}",
     )
     update = OrgBillingWorkflow.block if action == "block" else OrgBillingWorkflow.unblock
-    return await client.execute_update_with_start_workflow(
+    view = await client.execute_update_with_start_workflow(
         update, request, start_workflow_operation=start, rpc_timeout=rpc_timeout
     )
+    await asyncio.sleep(QUOTA_CACHE_MAX_AGE_SECONDS)
+    return view
 
 
 async def query_org_billing_state(client: Client, org_id: str) -> OrgBillingView | None:
