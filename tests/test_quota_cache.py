@@ -280,3 +280,26 @@ async def test_any_order_of_changes_leaves_memory_equal_to_the_table(
                     committed = time.monotonic()
                     truth.clear()
                 await settle(cache, {p: p in truth for p in projects}, committed)
+
+
+async def test_flags_that_recompute_quota_flags_writes_and_clears_reach_memory(
+    database_url: str, pool: AsyncConnectionPool
+) -> None:
+    # recompute_quota_flags clears flags in a data-modifying CTE of its INSERT: both are told.
+    org = await make_org(pool, plan="free", projects=2)
+
+    async def payment_status(status: str) -> float:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE organization_billing SET payment_status = %s WHERE organization_id = %s",
+                [status, org.id],
+            )
+            await conn.execute(
+                "SELECT recompute_quota_flags(ARRAY[%s]::uuid[], date_trunc('month', now())::date)", [org.id]
+            )
+        return time.monotonic()
+
+    async with following(QuotaFlagCache(database_url, ping_every=FAST_PING)) as cache:
+        for status, flagged in (("blocked", True), ("ok", False)):
+            committed = await payment_status(status)
+            await settle(cache, dict.fromkeys(org.project_ids, flagged), committed)
