@@ -25,8 +25,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-import worker as worker_module
 from bench.noop_workflow import NoopWorkflow
+from billing.cli.wiring import SANDBOX_PASSED_THROUGH, build_worker
 from billing.core.config import Settings
 from billing.db.pool import open_pool
 from billing.db.sql import query
@@ -130,14 +130,12 @@ async def main(argv: list[str] | None = None) -> int:
             workflows=[NoopWorkflow],
             max_concurrent_activities=50,
             workflow_runner=SandboxedWorkflowRunner(
-                restrictions=SandboxRestrictions.default.with_passthrough_modules(
-                    *worker_module._PASSED_THROUGH
-                )
+                restrictions=SandboxRestrictions.default.with_passthrough_modules(*SANDBOX_PASSED_THROUGH)
             ),
         )
         async with noop_worker:
             noop_s = await noop_ceiling(env.client, noop_queue, args.orgs)
-        async with worker_module.build_worker(settings, pool, env.client):
+        async with build_worker(settings, pool, env.client):
             close_s = await close_month(url, env.client, queue, month, args.orgs)
 
     close_rate, noop_rate = args.orgs / close_s, args.orgs / noop_s

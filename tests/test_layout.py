@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from billing.cli.wiring import _PASSED_THROUGH
+from billing.cli.wiring import SANDBOX_PASSED_THROUGH
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("billing", "workflows", "activities", "api", "bench", "tests")
@@ -147,7 +147,7 @@ def test_only_the_testing_package_and_the_tests_import_tests() -> None:
 
 
 def test_the_sandbox_passes_through_only_the_domain_and_the_models() -> None:
-    project = {p for p in _PASSED_THROUGH if _resolve(p) is not None}
+    project = {p for p in SANDBOX_PASSED_THROUGH if _resolve(p) is not None}
     assert project == {"billing.domain", "billing.models"}
     passed = [m for m in MODULES if any(m == p or m.startswith(p + ".") for p in project)]
     leaks = {

@@ -71,7 +71,7 @@ def activities(
 # Only the pure domain modules and the models crossing Temporal are (no I/O, no clock: the wall clock
 # lives in billing.core.clock), so sharing them across runs is safe and saves most of the sandbox's CPU
 # per workflow; anything else a workflow imported would be re-imported under the sandbox's checks.
-_PASSED_THROUGH = ("pydantic", "pydantic_core", "annotated_types", "billing.domain", "billing.models")
+SANDBOX_PASSED_THROUGH = ("pydantic", "pydantic_core", "annotated_types", "billing.domain", "billing.models")
 
 
 def build_worker(
@@ -95,6 +95,6 @@ def build_worker(
         max_concurrent_activities=50,
         interceptors=list(interceptors),
         workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(*_PASSED_THROUGH)
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*SANDBOX_PASSED_THROUGH)
         ),
     )
