@@ -314,9 +314,28 @@ def _carried_queue(history: WorkflowHistory) -> list[Any]:
     return json.loads(base64.b64decode(payload))["queue"]
 
 
+async def record_one_write_per_drain() -> list[Path]:
+    """org-billing with the ONE_WRITE_PER_DRAIN patch (issue 14): the scenario of ``org_billing`` and
+    the continue-as-new pair, under new names. The histories recorded before the patch stay as they
+    are, so both paths keep replaying."""
+    paths = [await record_org_billing("org_billing_one_write")]
+    async with throwaway_temporal_server() as env:
+        with scratch_database() as url:
+            pool = await open_pool(url, max_size=10)
+            try:
+                histories = await _record_continue_as_new(env.client, pool, url, f"one-write-{uuid.uuid4()}")
+            finally:
+                await pool.close()
+    renamed = {"org_billing_continued": "org_billing_one_write_continued"}
+    renamed["org_billing_continued_last"] = "org_billing_one_write_continued_last"
+    return paths + [_save(renamed[name], history) for name, history in histories.items()]
+
+
 def main() -> None:
     """Record every history this module knows."""
     print(f"recorded {asyncio.run(record_org_billing())}")
+    for path in asyncio.run(record_one_write_per_drain()):
+        print(f"recorded {path}")
     for path in asyncio.run(record_usage_and_reports()):
         print(f"recorded {path}")
     for path in asyncio.run(record_sweeps_and_failure_paths()):

@@ -151,12 +151,18 @@ class SyncOrgBillingInput(BillingColumns):
         description="a Stripe customer learned from an event: recorded only if the org has none "
         "(and no other org has it); a recorded customer is never re-pointed",
     )
+    marks: dict[str, str] = Field(
+        default_factory=dict,
+        description="webhook event id -> outcome: events whose effects this write carries, marked applied "
+        "in the same transaction (issue 14; empty in histories recorded before)",
+    )
 
 
 class SyncOrgBillingResult(Model):
-    """How many quota flags the org has after the sync."""
+    """How many quota flags the org has after the sync, and how many webhook events it marked."""
 
     flags: int
+    marked: int = 0
 
 
 class SubscriptionChange(Model):
