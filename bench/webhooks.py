@@ -106,6 +106,7 @@ class CpuMeter:
 
     def __init__(self, url: str, pids: dict[str, int]) -> None:
         self._url, self._pids = url, pids
+        self.pids = pids
         self._start: dict[str, float] = {}
         self._backends: dict[int, float] = {}
 
@@ -138,6 +139,15 @@ class CpuMeter:
 def _cpu_line(used: dict[str, float]) -> str:
     parts = [f"{name} {seconds:.1f}" for name, seconds in used.items() if name not in ("wall",)]
     return f"{used['wall']:.1f} s wall, CPU s: " + ", ".join(parts)
+
+
+def _per_delivery(used: dict[str, float], n: int) -> str:
+    """The bench's own processes' CPU per delivery, in ms (the rest of the machine left out)."""
+    names = [name for name in used if name not in ("wall", "machine busy", "machine idle", "rest")]
+    total = sum(used[name] for name in names)
+    return (
+        ", ".join(f"{name} {used[name] * 1000 / n:.2f}" for name in names) + f"; total {total * 1000 / n:.2f}"
+    )
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -282,6 +292,8 @@ async def run(deliveries: int, orgs: int, concurrency: int, *, worker_late: bool
                     },
                 )
                 meter.start()
+                whole = CpuMeter(url, meter.pids)
+                whole.start()
                 loadgen = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "bench.loadgen", "--port", str(port), "--posts-file", str(posts),
                     "--concurrency", str(concurrency),
@@ -298,6 +310,7 @@ async def run(deliveries: int, orgs: int, concurrency: int, *, worker_late: bool
                     processes.append(start(worker_command, environ))
                     applied_task = asyncio.create_task(_wait_applied(url, len(bodies), limit=600))
                 applied_at = await applied_task
+                whole_cpu = whole.stop()
                 statuses = posted["statuses"]
                 if statuses != {"200": len(bodies)}:
                     raise RuntimeError(f"not every POST was answered 200: {statuses}")
@@ -337,7 +350,10 @@ async def run(deliveries: int, orgs: int, concurrency: int, *, worker_late: bool
     print(f"  ratio end to end / ceiling: {e2e_rate / raw_rate:.2f}   (target 0.5)")
     print(f"  POST p99 {posted['p99_ms']:.0f} ms                (target under 250 ms)")
     print(f"  where the CPU went while deliveries were accepted: {_cpu_line(accept_cpu)}")
+    print(f"  where the CPU went until every event was applied: {_cpu_line(whole_cpu)}")
     print(f"  where the CPU went during the ceiling:            {_cpu_line(ceiling_cpu)}")
+    print(f"  CPU ms per delivery, accepted and applied: {_per_delivery(whole_cpu, n)}")
+    print(f"  CPU ms per raw signal, ceiling:            {_per_delivery(ceiling_cpu, n)}")
     if applied_after != n:
         print(f"  WARNING: {applied_after} events applied after the ceiling, expected {n}")
         return 1
