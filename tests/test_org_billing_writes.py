@@ -67,6 +67,10 @@ def _costs(events: list[dict[str, Any]]) -> tuple[int, Counter[str]]:
     return tasks, activities
 
 
+def _upserts(events: list[dict[str, Any]]) -> int:
+    return sum(1 for e in events if e["eventType"] == "EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES")
+
+
 async def _idle(handle: WorkflowHandle[Any, Any]) -> list[dict[str, Any]]:
     """The history once the workflow waits for signals: its last workflow task completed, no activity
     pending (so the next signal gets a workflow task of its own)."""
@@ -93,7 +97,8 @@ async def test_an_event_applied_alone_costs_one_activity_and_two_workflow_tasks(
         handle = client.get_workflow_handle(org_billing_id(org.id))
         await h.deliver(sp.invoice_event("invoice.payment_failed", _metered_invoice(org, 0), created=T0))
         await h.settle(org.id)
-        before = _costs(await _idle(handle))
+        idle = await _idle(handle)
+        before, upserts_before = _costs(idle), _upserts(idle)
         pairs = 5
         for i in range(1, pairs + 1):
             # Each flips the org's status (ok, then blocked again): each is written, alone.
@@ -105,13 +110,15 @@ async def test_an_event_applied_alone_costs_one_activity_and_two_workflow_tasks(
                 await h.deliver(payload)
                 await h.settle(org.id)
                 await _idle(handle)
-        after = _costs(await _idle(handle))
+        idle = await _idle(handle)
+        after, upserts_after = _costs(idle), _upserts(idle)
         rows = await h.webhook_rows(org.id)
         billing_row = await h.billing_row(org.id)
         flags = await h.flags(org.id)
     events = 2 * pairs
     assert after[0] - before[0] == 2 * events
     assert after[1] - before[1] == Counter({"sync_org_billing": events})
+    assert upserts_after - upserts_before == events  # PaymentStatus, which every one of them changes
     assert set(rows.values()) == {("applied", "applied")} and len(rows) == events + 1
     assert billing_row["payment_status"] == "blocked"
     assert {(p, t) for p, t, _ in flags} == {(p, t) for p in org.project_ids for t in TAGS}
@@ -150,6 +157,17 @@ async def test_a_queued_burst_is_written_once_with_its_final_state(
     assert [_patch_id(marker) for marker in markers] == [ONE_WRITE_PER_DRAIN]
     # The seed read, then one write for the whole burst.
     assert _costs(events) == (3, Counter({"load_org_billing": 1, "sync_org_billing": 1}))
+    # The PaymentStatus search attribute: set once for the burst (its final status), after the write.
+    upserts = [
+        json.loads(base64.b64decode(fields["PaymentStatus"]["data"]))
+        for e in events
+        if "upsertWorkflowSearchAttributesEventAttributes" in e
+        for fields in [
+            e["upsertWorkflowSearchAttributesEventAttributes"]["searchAttributes"]["indexedFields"]
+        ]
+        if "PaymentStatus" in fields
+    ]
+    assert upserts == ["blocked"]
     writes = [e for e in events if "activityTaskScheduledEventAttributes" in e][1:]
     written = _payload(writes[0]["activityTaskScheduledEventAttributes"]["input"])
     assert (written["payment_status"], sorted(written["marks"])) == (

@@ -100,8 +100,10 @@ BILLING_WRITE_EVERY = 20
 # task runs are applied one after the other in that task and written once, when the queue is drained
 # (or every BILLING_WRITE_EVERY events, or before a Stripe call), with the final state: one transaction
 # (activity sync_org_billing) for the billing row, the quota flags and the `applied` marks of those
-# webhook events. Before it, every change of status or plan was written at once, and the marks in an
-# activity of their own: an event alone cost three workflow tasks and two activities, now two and one.
+# webhook events; the PaymentStatus search attribute is upserted once per write too. Before it, every
+# change of status or plan was written at once, the marks in an activity of their own, and the search
+# attribute upserted after every event: an event alone cost three workflow tasks and two activities,
+# now two and one.
 ONE_WRITE_PER_DRAIN = "org-billing-one-write-per-drain"
 
 
@@ -248,11 +250,15 @@ class OrgBillingWorkflow:
             await self._process(item)
             self._events_applied += 1
             self._run_events += 1
-            if not self._queue or self._run_events % BILLING_WRITE_EVERY == 0:
+            written = not self._queue or self._run_events % BILLING_WRITE_EVERY == 0
+            if written:
                 await self._flush_billing()
                 await self._flush_marks()
-            self._upsert_payment_status()
-            self._show_details()
+            # With ONE_WRITE_PER_DRAIN the search attributes follow the writes (a burst's final status,
+            # once), not every event of a burst: each upsert is a visibility update in Temporal.
+            if written or not self._one_write:
+                self._upsert_payment_status()
+                self._show_details()
 
         # Signal handlers only append to the queue; an operator update waits until its item is applied,
         # which the loop above guarantees before it stops (an answered update may still be returning).
