@@ -83,44 +83,65 @@ class PaymentActivities(PaymentContract):
 
     @activity.defn
     async def sync_org_billing(self, request: SyncOrgBillingInput) -> SyncOrgBillingResult:
-        """Write the org's billing row and (if asked) recompute its quota flags, in one transaction;
-        record a Stripe customer learned from an event when the org has none.
+        """Write the org's billing row and (if asked) recompute its quota flags, mark the webhook events
+        whose effects the write carries (``marks``) applied, and record a Stripe customer learned from
+        an event when the org has none: one transaction.
 
-        The whole view is written, so running it twice changes nothing more than running it once.
+        The whole view is written and an event already marked is left as it is, so running it twice
+        changes nothing more than running it once. Without a customer to record it is one statement in
+        autocommit (one round trip, no BEGIN and COMMIT of their own).
         """
         period_end = datetime.fromtimestamp(request.period_end, UTC) if request.period_end else None
-        async with self.pool.connection() as conn, conn.transaction():
-            cursor = await conn.execute(
-                query("sync_org_billing"),
-                {
-                    **request.model_dump(include=set(BILLING_COLUMNS)),
-                    "org_id": request.org_id,
-                    "period_end": period_end,
-                    "columns": request.columns,
-                    "recompute": request.recompute_quota,
-                    "month": parse_month(request.month),
-                },
-            )
-            row = await cursor.fetchone()
-            if request.stripe_customer_id is not None:
-                # After sync_org_billing, which created the row if missing (lock order: organizations,
-                # then organization_billing).
-                await conn.execute(
-                    query("record_org_customer"),
-                    {"org_id": request.org_id, "customer_id": request.stripe_customer_id},
-                )
+        event_ids = sorted(request.marks)
+        params = {
+            **request.model_dump(include=set(BILLING_COLUMNS)),
+            "org_id": request.org_id,
+            "period_end": period_end,
+            "columns": request.columns,
+            "recompute": request.recompute_quota,
+            "month": parse_month(request.month),
+            "event_ids": event_ids,
+            "details": [request.marks[i] for i in event_ids],
+        }
+        async with self.pool.connection() as conn:
+            if request.stripe_customer_id is None:
+                await conn.set_autocommit(True)
+                try:
+                    row = await (await conn.execute(query("sync_org_billing"), params)).fetchone()
+                finally:
+                    await conn.set_autocommit(False)
+            else:
+                async with conn.transaction():
+                    row = await (await conn.execute(query("sync_org_billing"), params)).fetchone()
+                    # After sync_org_billing, which created the row if missing (lock order:
+                    # organizations, then organization_billing).
+                    await conn.execute(
+                        query("record_org_customer"),
+                        {"org_id": request.org_id, "customer_id": request.stripe_customer_id},
+                    )
         assert row is not None
-        return SyncOrgBillingResult(flags=row["flags"])
+        return SyncOrgBillingResult(flags=row["flags"], marked=row["marked"])
 
     @activity.defn
     async def mark_webhook_events(self, request: MarkWebhookEventsInput) -> MarkWebhookEventsResult:
-        """Mark webhook events processed by the org workflow (a redelivery is then answered at once)."""
+        """Mark webhook events processed by the org workflow (a redelivery is then answered at once).
+
+        One statement in autocommit: one transaction, one round trip.
+        """
         ids = sorted(request.outcomes)
         async with self.pool.connection() as conn:
-            cursor = await conn.execute(
-                query("webhook_mark_applied"),
-                {"org_id": request.org_id, "event_ids": ids, "details": [request.outcomes[i] for i in ids]},
-            )
+            await conn.set_autocommit(True)
+            try:
+                cursor = await conn.execute(
+                    query("webhook_mark_applied"),
+                    {
+                        "org_id": request.org_id,
+                        "event_ids": ids,
+                        "details": [request.outcomes[i] for i in ids],
+                    },
+                )
+            finally:
+                await conn.set_autocommit(False)
         return MarkWebhookEventsResult(marked=cursor.rowcount)
 
     # ---------------------------------------------------------------- Stripe

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import psycopg
@@ -41,6 +42,7 @@ from temporalio.client import Client
 
 from bench.quota import free_port, start
 from billing.db.sql import query
+from billing.domain.ids import org_billing_id
 from billing.domain.stripe_events import BillingEvent, parse_event
 from billing.orchestration.temporal import signal_org_billing
 from billing.testing.scratch import scratch_database, throwaway_temporal_server
@@ -106,6 +108,7 @@ class CpuMeter:
 
     def __init__(self, url: str, pids: dict[str, int]) -> None:
         self._url, self._pids = url, pids
+        self.pids = pids
         self._start: dict[str, float] = {}
         self._backends: dict[int, float] = {}
 
@@ -138,6 +141,15 @@ class CpuMeter:
 def _cpu_line(used: dict[str, float]) -> str:
     parts = [f"{name} {seconds:.1f}" for name, seconds in used.items() if name not in ("wall",)]
     return f"{used['wall']:.1f} s wall, CPU s: " + ", ".join(parts)
+
+
+def _per_delivery(used: dict[str, float], n: int) -> str:
+    """The bench's own processes' CPU per delivery, in ms (the rest of the machine left out)."""
+    names = [name for name in used if name not in ("wall", "machine busy", "machine idle", "rest")]
+    total = sum(used[name] for name in names)
+    return (
+        ", ".join(f"{name} {used[name] * 1000 / n:.2f}" for name in names) + f"; total {total * 1000 / n:.2f}"
+    )
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -194,6 +206,29 @@ def _temporal_pid() -> int:
         if int(stat.rpartition(")")[2].split()[1]) == os.getpid() and b"start-dev" in cmdline:
             return int(child.name)
     return 0
+
+
+async def _history_costs(client: Client, org_ids: list[str]) -> Counter[str]:
+    """What the org workflows' histories hold (every run of each): workflow tasks, activities by type,
+    search attribute upserts, continue-as-new and all history events, summed over the orgs."""
+    costs: Counter[str] = Counter()
+    for org_id in org_ids:
+        async for execution in client.list_workflows(f"WorkflowId = '{org_billing_id(org_id)}'"):
+            history = await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history()
+            for event in history.events:
+                costs["history events"] += 1
+                kind = event.WhichOneof("attributes")
+                if kind == "workflow_task_completed_event_attributes":
+                    costs["workflow tasks"] += 1
+                elif kind == "activity_task_scheduled_event_attributes":
+                    costs[
+                        f"activity {event.activity_task_scheduled_event_attributes.activity_type.name}"
+                    ] += 1
+                elif kind == "upsert_workflow_search_attributes_event_attributes":
+                    costs["search attribute upserts"] += 1
+                elif kind == "workflow_execution_continued_as_new_event_attributes":
+                    costs["continue-as-new"] += 1
+    return costs
 
 
 async def _ceiling(
@@ -282,6 +317,8 @@ async def run(deliveries: int, orgs: int, concurrency: int, *, worker_late: bool
                     },
                 )
                 meter.start()
+                whole = CpuMeter(url, meter.pids)
+                whole.start()
                 loadgen = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "bench.loadgen", "--port", str(port), "--posts-file", str(posts),
                     "--concurrency", str(concurrency),
@@ -298,6 +335,8 @@ async def run(deliveries: int, orgs: int, concurrency: int, *, worker_late: bool
                     processes.append(start(worker_command, environ))
                     applied_task = asyncio.create_task(_wait_applied(url, len(bodies), limit=600))
                 applied_at = await applied_task
+                whole_cpu = whole.stop()
+                costs = await _history_costs(temporal.client, org_ids)
                 statuses = posted["statuses"]
                 if statuses != {"200": len(bodies)}:
                     raise RuntimeError(f"not every POST was answered 200: {statuses}")
@@ -337,7 +376,14 @@ async def run(deliveries: int, orgs: int, concurrency: int, *, worker_late: bool
     print(f"  ratio end to end / ceiling: {e2e_rate / raw_rate:.2f}   (target 0.5)")
     print(f"  POST p99 {posted['p99_ms']:.0f} ms                (target under 250 ms)")
     print(f"  where the CPU went while deliveries were accepted: {_cpu_line(accept_cpu)}")
+    print(f"  where the CPU went until every event was applied: {_cpu_line(whole_cpu)}")
     print(f"  where the CPU went during the ceiling:            {_cpu_line(ceiling_cpu)}")
+    print(f"  CPU ms per delivery, accepted and applied: {_per_delivery(whole_cpu, n)}")
+    print(f"  CPU ms per raw signal, ceiling:            {_per_delivery(ceiling_cpu, n)}")
+    print(
+        "  org workflows' histories, per delivery: "
+        + ", ".join(f"{name} {count / n:.2f}" for name, count in sorted(costs.items()))
+    )
     if applied_after != n:
         print(f"  WARNING: {applied_after} events applied after the ceiling, expected {n}")
         return 1

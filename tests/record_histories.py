@@ -99,9 +99,17 @@ async def record_org_billing(name: str = "org_billing") -> Path:
     return _save(name, history)
 
 
+# Histories of org-billing runs recorded before the org-billing-one-write-per-drain patch (issue 14):
+# today's code would record them with the patch, so they are kept as they are, never re-recorded, and
+# the old path keeps replaying (the patched scenarios are saved as org_billing_one_write*).
+KEPT = frozenset({"org_billing", "org_billing_continued", "org_billing_continued_last"})
+
+
 def _save(name: str, history: WorkflowHistory) -> Path:
     HISTORIES.mkdir(exist_ok=True)
     path = HISTORIES / f"{name}.json"
+    if name in KEPT and path.exists():
+        return path
     path.write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
     return path
 
@@ -314,9 +322,28 @@ def _carried_queue(history: WorkflowHistory) -> list[Any]:
     return json.loads(base64.b64decode(payload))["queue"]
 
 
+async def record_one_write_per_drain() -> list[Path]:
+    """org-billing with the ONE_WRITE_PER_DRAIN patch (issue 14): the scenario of ``org_billing`` and
+    the continue-as-new pair, under new names. The histories recorded before the patch stay as they
+    are, so both paths keep replaying."""
+    paths = [await record_org_billing("org_billing_one_write")]
+    async with throwaway_temporal_server() as env:
+        with scratch_database() as url:
+            pool = await open_pool(url, max_size=10)
+            try:
+                histories = await _record_continue_as_new(env.client, pool, url, f"one-write-{uuid.uuid4()}")
+            finally:
+                await pool.close()
+    renamed = {"org_billing_continued": "org_billing_one_write_continued"}
+    renamed["org_billing_continued_last"] = "org_billing_one_write_continued_last"
+    return paths + [_save(renamed[name], history) for name, history in histories.items()]
+
+
 def main() -> None:
-    """Record every history this module knows."""
-    print(f"recorded {asyncio.run(record_org_billing())}")
+    """Record every history this module knows (those in KEPT only when missing)."""
+    print(f"recorded (or kept) {asyncio.run(record_org_billing())}")
+    for path in asyncio.run(record_one_write_per_drain()):
+        print(f"recorded {path}")
     for path in asyncio.run(record_usage_and_reports()):
         print(f"recorded {path}")
     for path in asyncio.run(record_sweeps_and_failure_paths()):

@@ -13,9 +13,13 @@ When things are written (issue 11, finding 6: acknowledged means enforced):
 * an operator update returns only after the billing row (status and reason always written, whatever the
   dashboard wrote meanwhile) and the recomputed quota flags are committed, so when `billing block`
   returns the gateway already refuses the org's writes;
-* a Stripe-driven change of `payment_status` or the plan is written (row and flags) as soon as the
-  reducer makes it, and anything pending is written before any Stripe call, so a slow Stripe never
-  holds back enforcement; the other columns are written once a burst is drained.
+* a Stripe-driven change of `payment_status` or the plan is written (row and flags) in the workflow
+  task that applied it: the signals queued when a task runs are applied one after the other and
+  written once, with their final state, when the queue is drained (at least every
+  BILLING_WRITE_EVERY events), and anything pending is written before any Stripe call, so a slow
+  Stripe never holds back enforcement. That write also marks the events it carries `applied` in the
+  webhook log (one transaction; ONE_WRITE_PER_DRAIN, issue 14). Runs recorded before that patch
+  wrote each change of status or plan at once and the marks in an activity of their own.
 
 The old `operator_block` / `operator_unblock` signals are still accepted (for callers of the previous
 version); they are applied the same way but nothing waits for them.
@@ -92,6 +96,15 @@ STRIPE_EFFECTS = (ScheduleDowngrade, RevokeDowngrade, ResolvePlan, ResolveInvoic
 # A burst of events is written to PostgreSQL once it is drained, and at least every this many events,
 # so a steady stream never holds the billing row (and a block's quota flags) back for long.
 BILLING_WRITE_EVERY = 20
+# Issue 14 (patch id, recorded in every run that starts with it): the signals queued when a workflow
+# task runs are applied one after the other in that task and written once, when the queue is drained
+# (or every BILLING_WRITE_EVERY events, or before a Stripe call), with the final state: one transaction
+# (activity sync_org_billing) for the billing row, the quota flags and the `applied` marks of those
+# webhook events; the PaymentStatus search attribute is upserted once per write too. Before it, every
+# change of status or plan was written at once, the marks in an activity of their own, and the search
+# attribute upserted after every event: an event alone cost three workflow tasks and two activities,
+# now two and one.
+ONE_WRITE_PER_DRAIN = "org-billing-one-write-per-drain"
 
 
 def reason_text(state: PaymentState) -> str | None:
@@ -137,6 +150,8 @@ class OrgBillingWorkflow:
         # Operator request ids an update handler waits on, and those whose billing write is committed.
         self._awaited: set[str] = set()
         self._committed: set[str] = set()
+        # Set by run() from the ONE_WRITE_PER_DRAIN patch: when the billing row and the marks are written.
+        self._one_write = False
 
     # ---------------------------------------------------------------- signals and query
 
@@ -213,6 +228,9 @@ class OrgBillingWorkflow:
     @workflow.run
     async def run(self, request: OrgBillingInput) -> None:
         """Process signals until the run is long enough, then continue as new with the state."""
+        # Issue 14: one write per drained queue, carrying the webhook marks (see ONE_WRITE_PER_DRAIN).
+        # Decided once per run, before any command, so a run recorded without it replays as it ran.
+        self._one_write = workflow.patched(ONE_WRITE_PER_DRAIN)
         if request.state is None:
             await self._seed_from_database()
         self._upsert_payment_status()
@@ -232,11 +250,15 @@ class OrgBillingWorkflow:
             await self._process(item)
             self._events_applied += 1
             self._run_events += 1
-            if not self._queue or self._run_events % BILLING_WRITE_EVERY == 0:
+            written = not self._queue or self._run_events % BILLING_WRITE_EVERY == 0
+            if written:
                 await self._flush_billing()
                 await self._flush_marks()
-            self._upsert_payment_status()
-            self._show_details()
+            # With ONE_WRITE_PER_DRAIN the search attributes follow the writes (a burst's final status,
+            # once), not every event of a burst: each upsert is a visibility update in Temporal.
+            if written or not self._one_write:
+                self._upsert_payment_status()
+                self._show_details()
 
         # Signal handlers only append to the queue; an operator update waits until its item is applied,
         # which the loop above guarantees before it stops (an answered update may still be returning).
@@ -341,7 +363,11 @@ class OrgBillingWorkflow:
             if any(isinstance(e, RecomputeQuota) for e in effects):
                 self._recompute_pending = True
             calls_stripe = any(isinstance(e, STRIPE_EFFECTS) for e in effects)
-            if write_early and (self._enforcement_changed() or (calls_stripe and self._unwritten())):
+            # With ONE_WRITE_PER_DRAIN a changed status or plan is written when the queue is drained,
+            # in the same workflow task (nothing is awaited in between but Stripe calls, and those
+            # are preceded by a write here).
+            changed = not self._one_write and self._enforcement_changed()
+            if write_early and (changed or (calls_stripe and self._unwritten())):
                 # Status and plan are what the gateway enforces: written now, not at the end of the
                 # burst, and never behind a Stripe call that may take an hour.
                 await self._flush_billing()
@@ -426,6 +452,12 @@ class OrgBillingWorkflow:
         customer = s.stripe_customer_id if s.stripe_customer_id != self._written_customer else None
         if not columns and not recompute and customer is None:
             return
+        # With ONE_WRITE_PER_DRAIN the events processed so far are marked in the same transaction:
+        # their effects are in this write (or in an earlier one), and an event is added to _unmarked
+        # only once its processing is over.
+        marks: dict[str, str] = {}
+        if self._one_write:
+            marks, self._unmarked = self._unmarked, {}
         await run_db_activity(
             PaymentContract.sync_org_billing,
             SyncOrgBillingInput(
@@ -435,6 +467,7 @@ class OrgBillingWorkflow:
                 recompute_quota=recompute,
                 month=month_key(workflow.now()),
                 stripe_customer_id=customer,
+                marks=marks,
             ),
         )
         self._written = view

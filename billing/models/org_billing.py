@@ -25,7 +25,8 @@ from billing.domain.stripe_events import BillingEvent, InvoiceKind
 from billing.models import Model
 
 # Events processed per run before continuing as new (the workflow also continues when Temporal suggests
-# it). Each event costs roughly ten history events (signal, workflow task, one or two activities).
+# it). An event applied alone costs about ten history events (signal, two workflow tasks, one activity);
+# a burst applied in one workflow task shares them (issue 14: about four per event in bench.webhooks).
 DEFAULT_MAX_EVENTS_PER_RUN = 200
 MAX_REASON_LENGTH = 500
 
@@ -151,12 +152,18 @@ class SyncOrgBillingInput(BillingColumns):
         description="a Stripe customer learned from an event: recorded only if the org has none "
         "(and no other org has it); a recorded customer is never re-pointed",
     )
+    marks: dict[str, str] = Field(
+        default_factory=dict,
+        description="webhook event id -> outcome: events whose effects this write carries, marked applied "
+        "in the same transaction (issue 14; empty in histories recorded before)",
+    )
 
 
 class SyncOrgBillingResult(Model):
-    """How many quota flags the org has after the sync."""
+    """How many quota flags the org has after the sync, and how many webhook events it marked."""
 
     flags: int
+    marked: int = 0
 
 
 class SubscriptionChange(Model):
