@@ -22,7 +22,7 @@ CREATE TABLE counter_checkpoints (
     previous_updated_at timestamp with time zone,
     batch_id text NOT NULL,
     applied_at timestamp with time zone NOT NULL DEFAULT now()
-) WITH (fillfactor=70);
+) WITH (fillfactor=45);
 
 CREATE TABLE meters (
     tag text NOT NULL,
@@ -59,7 +59,7 @@ CREATE TABLE org_usage (
     month date NOT NULL,
     value bigint NOT NULL DEFAULT 0,
     updated_at timestamp with time zone NOT NULL DEFAULT now()
-) WITH (fillfactor=70);
+) WITH (fillfactor=45);
 
 CREATE TABLE organization_billing (
     organization_id uuid NOT NULL,
@@ -108,7 +108,7 @@ CREATE TABLE project_usage (
     organization_id uuid NOT NULL,
     value bigint NOT NULL DEFAULT 0,
     updated_at timestamp with time zone NOT NULL DEFAULT now()
-) WITH (fillfactor=70);
+) WITH (fillfactor=45);
 
 CREATE TABLE quota_flags (
     project_id uuid NOT NULL,
@@ -451,13 +451,12 @@ BEGIN
     INSERT INTO usage_batch_rejections (batch_id, idx, reason)
     SELECT p_batch, idx, reason FROM ub_in WHERE reason IS NOT NULL
     ON CONFLICT DO NOTHING;
-    DELETE FROM ub_in WHERE reason IS NOT NULL;
 
     -- 2. The orgs this run may still apply rows of: not applied by an earlier run of the batch, or
     -- applied only through an older month (done_through).
     CREATE TEMP TABLE ub_orgs ON COMMIT DROP AS
     SELECT g.organization_id, a.applied_through AS done_through, NULL::date AS open_month
-    FROM (SELECT DISTINCT organization_id FROM ub_in) g
+    FROM (SELECT DISTINCT organization_id FROM ub_in WHERE reason IS NULL) g
     LEFT JOIN usage_batch_orgs a ON a.batch_id = p_batch AND a.organization_id = g.organization_id
     WHERE a.organization_id IS NULL OR a.applied_through IS NOT NULL;
 
@@ -481,7 +480,7 @@ BEGIN
     SELECT i.organization_id, min(i.month) AS month, count(*) AS held_rows
     FROM ub_in i
     JOIN ub_orgs o ON o.organization_id = i.organization_id
-    WHERE o.open_month IS NULL OR i.month > o.open_month
+    WHERE i.reason IS NULL AND (o.open_month IS NULL OR i.month > o.open_month)
     GROUP BY i.organization_id;
 
     -- The batch's held-back orgs are exactly these now; a reason the reset check recorded is kept.
@@ -503,7 +502,7 @@ BEGIN
            i.month
     FROM ub_in i
     JOIN ub_orgs o ON o.organization_id = i.organization_id
-    WHERE i.month <= o.open_month AND (o.done_through IS NULL OR i.month > o.done_through)
+    WHERE i.reason IS NULL AND i.month <= o.open_month AND (o.done_through IS NULL OR i.month > o.done_through)
     ORDER BY i.project_id, i.tag, i.created_at, i.updated_at DESC, i.total DESC, i.idx DESC;
 
     -- 4. Move every checkpoint of the batch, in key order, in one upsert that also says what it moved
@@ -511,14 +510,19 @@ BEGIN
     -- row grew, updated with its old values kept in previous_*. ON CONFLICT waits for a concurrent
     -- batch holding the same checkpoint and then sees its committed values, so the diff is always
     -- against the newest total, never a stale one. A row that went backwards, or is unchanged, is
-    -- locked but not updated (the WHERE), and so not returned.
+    -- locked but not updated (the WHERE), and so not returned. Counter rows moved are summed per
+    -- project, meter and month (ub_pu: the growth and how many rows grew) and per org (ub_counts: rows
+    -- moved and rows that changed) in the same statement; gauge rows (few) go to ub_moved one by one.
     CREATE TEMP TABLE ub_moved (
         project_id uuid, tag text, created_at timestamptz, updated_at timestamptz, total bigint,
         old_total bigint, kind text, organization_id uuid, month date
     ) ON COMMIT DROP;
+    CREATE TEMP TABLE ub_pu (
+        project_id uuid, tag text, month date, organization_id uuid, is_gauge boolean, amount bigint,
+        old_value bigint, is_new boolean, counter_rows integer
+    ) ON COMMIT DROP;
+    CREATE TEMP TABLE ub_counts (organization_id uuid, moved bigint, changed bigint) ON COMMIT DROP;
 
-    -- Counters first (a total may only grow), then gauges (a level may fall): two statements, so
-    -- every batch locks all its counter checkpoints, in key order, before its gauge ones.
     WITH moved AS (
         INSERT INTO counter_checkpoints AS c
             (project_id, tag, row_created_at, applied_total, row_updated_at, batch_id)
@@ -533,14 +537,22 @@ BEGIN
             WHERE EXCLUDED.row_updated_at >= c.row_updated_at
               AND EXCLUDED.applied_total >= c.applied_total
               AND (EXCLUDED.applied_total, EXCLUDED.row_updated_at) <> (c.applied_total, c.row_updated_at)
-        RETURNING c.project_id, c.tag, c.row_created_at, c.row_updated_at, c.applied_total,
-                  coalesce(c.previous_total, 0) AS old_total
+        RETURNING c.project_id, c.tag, c.row_created_at, c.applied_total - coalesce(c.previous_total, 0) AS growth
+    ), grouped AS (
+        SELECT v.project_id, v.tag, usage_month('counter', v.row_created_at, v.row_created_at) AS month,
+               p.organization_id, sum(v.growth)::bigint AS amount, count(*) AS moved,
+               count(*) FILTER (WHERE v.growth > 0) AS grew
+        FROM moved v
+        JOIN organization_projects p ON p.project_id = v.project_id
+        GROUP BY v.project_id, v.tag, 3, p.organization_id
+    ), counted AS (
+        INSERT INTO ub_counts
+        SELECT organization_id, sum(moved), sum(grew) FROM grouped GROUP BY organization_id
     )
-    INSERT INTO ub_moved
-    SELECT v.project_id, v.tag, v.row_created_at, v.row_updated_at, v.applied_total, v.old_total, 'counter',
-           p.organization_id, usage_month('counter', v.row_created_at, v.row_updated_at)
-    FROM moved v
-    JOIN organization_projects p ON p.project_id = v.project_id;
+    INSERT INTO ub_pu
+    SELECT project_id, tag, month, organization_id, false, amount, 0, false, grew::integer
+    FROM grouped
+    WHERE amount > 0;
 
     WITH moved AS (
         INSERT INTO counter_checkpoints AS c
@@ -566,7 +578,8 @@ BEGIN
 
     -- The rows the upsert left alone (none, usually): rejected when they went backwards, else seen
     -- before as they are. Their checkpoints are locked by us now, so what we read is what stays.
-    IF (SELECT count(*) FROM ub_moved) < (SELECT count(*) FROM ub_rows) THEN
+    IF (SELECT coalesce(sum(moved), 0) FROM ub_counts) + (SELECT count(*) FROM ub_moved)
+       < (SELECT count(*) FROM ub_rows) THEN
         INSERT INTO usage_batch_rejections (batch_id, idx, reason)
         SELECT p_batch, r.idx,
                CASE WHEN r.updated_at < c.row_updated_at
@@ -578,29 +591,27 @@ BEGIN
         FROM ub_rows r
         JOIN counter_checkpoints c
           ON c.project_id = r.project_id AND c.tag = r.tag AND c.row_created_at = r.created_at
-        WHERE NOT EXISTS (SELECT 1 FROM ub_moved v
-                          WHERE v.project_id = r.project_id AND v.tag = r.tag AND v.created_at = r.created_at)
-          AND (r.updated_at < c.row_updated_at OR (r.kind = 'counter' AND r.total < c.applied_total))
+        WHERE (r.updated_at < c.row_updated_at OR (r.kind = 'counter' AND r.total < c.applied_total))
         ON CONFLICT DO NOTHING;
     END IF;
 
-    -- 6. Per project, meter and month: counters add their growth; a gauge takes its newest level.
-    CREATE TEMP TABLE ub_pu ON COMMIT DROP AS
-    (SELECT project_id, tag, month, organization_id, false AS is_gauge,
-            sum(total - old_total)::bigint AS amount, 0::bigint AS old_value, false AS is_new,
-            count(*)::integer AS counter_rows
-     FROM ub_moved
-     WHERE kind = 'counter' AND total > old_total
-     GROUP BY project_id, tag, month, organization_id)
-    UNION ALL
-    (SELECT DISTINCT ON (project_id, tag) project_id, tag, month, organization_id, true,
-            total, 0::bigint, false, 1
-     FROM ub_moved
-     WHERE kind = 'gauge'
-     ORDER BY project_id, tag, updated_at DESC, created_at DESC);
+    -- 6. Per project, meter and month: counters add their growth (summed above); a gauge takes its
+    -- newest level.
+    INSERT INTO ub_pu
+    SELECT DISTINCT ON (project_id, tag) project_id, tag, month, organization_id, true, total, 0::bigint, false, 1
+    FROM ub_moved
+    WHERE kind = 'gauge'
+    ORDER BY project_id, tag, updated_at DESC, created_at DESC;
+    INSERT INTO ub_counts
+    SELECT organization_id, count(*), count(*) FILTER (WHERE total <> old_total)
+    FROM ub_moved
+    GROUP BY organization_id;
 
-    -- Counters add their growth in one upsert, in key order; the value after comes back, and the value
-    -- before is that minus the growth.
+    -- Counters add their growth in one upsert, in key order; the value after comes back and goes
+    -- straight to the ledger (7): what this batch changed of each project's usage of a meter and
+    -- month, with how many counter rows it came from and the value after. (The rows themselves stay
+    -- in usage_batch_rows under the batch id, so nothing of the detail is lost.) In the order of the
+    -- ledger's org-and-month index: appending to it is far cheaper than scattering.
     WITH added AS (
         INSERT INTO project_usage AS u (project_id, tag, month, organization_id, value)
         SELECT project_id, tag, month, organization_id, amount
@@ -610,9 +621,12 @@ BEGIN
         ON CONFLICT (project_id, tag, month) DO UPDATE SET value = u.value + EXCLUDED.value, updated_at = now()
         RETURNING u.project_id, u.tag, u.month, u.value
     )
-    UPDATE ub_pu t SET old_value = a.value - t.amount
+    INSERT INTO usage_ledger
+        (batch_id, organization_id, project_id, tag, month, counter_rows, delta, value_after)
+    SELECT p_batch, t.organization_id, t.project_id, t.tag, t.month, t.counter_rows, t.amount, a.value
     FROM added a
-    WHERE NOT t.is_gauge AND t.project_id = a.project_id AND t.tag = a.tag AND t.month = a.month;
+    JOIN ub_pu t ON NOT t.is_gauge AND t.project_id = a.project_id AND t.tag = a.tag AND t.month = a.month
+    ORDER BY t.organization_id, t.month;
 
     -- Gauges (after the counters, in key order) take their new level: lock or create each row, read
     -- the level it replaces, then set it.
@@ -639,17 +653,12 @@ BEGIN
     WHERE t.is_gauge AND NOT t.is_new AND u.project_id = t.project_id AND u.tag = t.tag AND u.month = t.month
       AND u.value <> t.amount;
 
-    -- 7. The ledger: what this batch changed of each project's usage of a meter and month, with how
-    -- many counter rows it came from and the value after. (The rows themselves stay in
-    -- usage_batch_rows under the batch id, so nothing of the detail is lost.)
+    -- 7. The ledger of the gauges: the level's change and the level after.
     INSERT INTO usage_ledger
         (batch_id, organization_id, project_id, tag, month, counter_rows, delta, value_after)
-    SELECT p_batch, organization_id, project_id, tag, month, counter_rows,
-           CASE WHEN is_gauge THEN amount - old_value ELSE amount END,
-           CASE WHEN is_gauge THEN amount ELSE old_value + amount END
+    SELECT p_batch, organization_id, project_id, tag, month, counter_rows, amount - old_value, amount
     FROM ub_pu
-    WHERE amount <> CASE WHEN is_gauge THEN old_value ELSE 0 END
-    -- In the order of the org-and-month index: appending to it is far cheaper than scattering.
+    WHERE is_gauge AND amount <> old_value
     ORDER BY organization_id, month;
 
     -- 8. Org usage moves by the sum of its projects' changes; the upsert returns the value after.
@@ -747,8 +756,8 @@ BEGIN
     INSERT INTO usage_batch_orgs AS a (batch_id, organization_id, rows_applied, overage_reports, applied_through)
     SELECT p_batch, o.organization_id, coalesce(r.changed, 0), coalesce(q.reports, 0), o.open_month
     FROM ub_orgs o
-    LEFT JOIN (SELECT organization_id, count(*) AS changed FROM ub_moved
-               WHERE total <> old_total GROUP BY organization_id) r ON r.organization_id = o.organization_id
+    LEFT JOIN (SELECT organization_id, sum(changed) AS changed FROM ub_counts
+               GROUP BY organization_id) r ON r.organization_id = o.organization_id
     LEFT JOIN ub_outbox q ON q.organization_id = o.organization_id
     WHERE o.open_month IS NOT NULL
     ORDER BY o.organization_id
