@@ -151,13 +151,15 @@ class UsageActivities(UsageContract):
 
     @activity.defn
     async def apply_usage_batch(self, request: ApplyBatchInput) -> ApplyBatchResult:
-        """Apply the staged batch in one transaction (``apply_usage_batch`` in sql/0004)."""
-        params = {"batch_id": request.batch_id}
+        """Apply the staged batch, or one part of it, in one transaction (``apply_usage_batch`` in
+        sql/0017); the answer counts what that part covers."""
+        params = {"batch_id": request.batch_id, "part": request.part}
+        apply = query("apply_usage_batch" if request.part is None else "apply_usage_batch_part")
         for attempt in range(1, _APPLY_ATTEMPTS + 1):
             try:
                 async with self.pool.connection() as conn:
                     async with conn.transaction():
-                        row = await (await conn.execute(query("apply_usage_batch"), params)).fetchone()
+                        row = await (await conn.execute(apply, params)).fetchone()
                         # Thresholds reached, in the same transaction: exactly once per crossing.
                         notified = await (
                             await conn.execute(query("notify_usage_thresholds"), params)

@@ -14,14 +14,27 @@
 -- * The counters' project usage upsert writes the ledger in the same statement from its RETURNING,
 --   instead of writing the value before back into the temp table and reading it again.
 -- * Rows rejected in step 1 are skipped by the later statements instead of deleted from ub_in.
+-- * A batch may be applied in two parts, in parallel transactions (the usage-sync workflow runs one
+--   activity per part): each part takes the orgs that usage_batch_part() gives it, and rows of no
+--   known org go to part 0. Parts share no row: a project belongs to one org, and every row the
+--   apply locks or writes (checkpoints, project and org usage, resets, flags, the outbox, the
+--   batch's per-org bookkeeping) belongs to one org, so the two never wait for each other. Each part
+--   answers for its own orgs (and part 0 for the rows of none); the workflow adds the answers up.
 
 ALTER TABLE counter_checkpoints SET (fillfactor = 45);
 ALTER TABLE project_usage SET (fillfactor = 45);
 ALTER TABLE org_usage SET (fillfactor = 45);
 
--- Applies the staged rows of one batch in the caller's transaction, set-based. The steps and their
--- rules are those of 0009 (where each is explained); only how the rows travel between them changed.
-CREATE OR REPLACE FUNCTION apply_usage_batch(p_batch text)
+-- Which part of a batch an org's rows are applied in (0 or 1). Fixed here, so every apply of a
+-- batch, whoever runs it, splits it alike.
+CREATE FUNCTION usage_batch_part(p_org uuid) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT uuid_hash(p_org) & 1 $$;
+
+-- Applies the staged rows of one batch in the caller's transaction, set-based: the whole batch
+-- (p_part NULL), or the orgs of one part (0 or 1). The steps and their rules are those of 0009
+-- (where each is explained); only how the rows travel between them changed.
+DROP FUNCTION apply_usage_batch(text);
+CREATE FUNCTION apply_usage_batch(p_batch text, p_part integer DEFAULT NULL)
 RETURNS TABLE (rows_received integer, rows_applied bigint, rows_rejected bigint, rows_pending bigint,
                overage_reports bigint, orgs_applied bigint, orgs_skipped bigint)
 LANGUAGE plpgsql
@@ -33,10 +46,20 @@ DECLARE
     v_hour       timestamptz := date_trunc('hour', v_now, 'UTC');
     v_this_month date := date_trunc('month', v_now AT TIME ZONE 'UTC')::date;
     v_month      date;
+    v_rejected   bigint;
 BEGIN
-    -- One apply of a batch at a time: a retried attempt waits for a straggling one, then finds what
-    -- it applied in usage_batch_orgs and leaves it alone. Taken before any row lock.
-    PERFORM pg_advisory_xact_lock(hashtextextended('usage-batch:' || p_batch, 0));
+    -- One apply of a batch (or of a part of it) at a time: a retried attempt waits for a straggling
+    -- one, then finds what it applied in usage_batch_orgs and leaves it alone. A whole-batch apply
+    -- excludes every part; the two parts exclude only themselves. Taken before any row lock.
+    IF p_part IS NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended('usage-batch:' || p_batch, 0));
+    ELSIF p_part IN (0, 1) THEN
+        PERFORM pg_advisory_xact_lock_shared(hashtextextended('usage-batch:' || p_batch, 0));
+        PERFORM pg_advisory_xact_lock(hashtextextended('usage-batch:' || p_batch || ':part:' || p_part, 0));
+    ELSE
+        RAISE EXCEPTION 'part % of a batch: there are parts 0 and 1', p_part
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
 
     -- 1. Every staged row not rejected before (a rejection is final for its batch, so the same body
     -- pushed again is answered alike), with its meter, org and month; why a row can never apply.
@@ -49,7 +72,8 @@ BEGIN
     LEFT JOIN meters m ON m.tag = s.tag
     LEFT JOIN organization_projects p ON p.project_id = s.project_id
     WHERE s.batch_id = p_batch
-      AND NOT EXISTS (SELECT 1 FROM usage_batch_rejections j WHERE j.batch_id = p_batch AND j.idx = s.idx);
+      AND NOT EXISTS (SELECT 1 FROM usage_batch_rejections j WHERE j.batch_id = p_batch AND j.idx = s.idx)
+      AND (p_part IS NULL OR coalesce(usage_batch_part(p.organization_id), 0) = p_part);
 
     INSERT INTO usage_batch_rejections (batch_id, idx, reason)
     SELECT p_batch, idx, reason FROM ub_in WHERE reason IS NOT NULL
@@ -89,6 +113,7 @@ BEGIN
     -- The batch's held-back orgs are exactly these now; a reason the reset check recorded is kept.
     DELETE FROM usage_batch_skips k
     WHERE k.batch_id = p_batch
+      AND (p_part IS NULL OR usage_batch_part(k.organization_id) = p_part)
       AND NOT EXISTS (SELECT 1 FROM ub_held h WHERE h.organization_id = k.organization_id);
     INSERT INTO usage_batch_skips (batch_id, organization_id, month, reason)
     SELECT p_batch, organization_id, month,
@@ -369,13 +394,27 @@ BEGIN
             overage_reports = a.overage_reports + EXCLUDED.overage_reports,
             applied_through = EXCLUDED.applied_through, applied_at = now();
 
+    -- The answer: the whole batch's, or the part's (its orgs; part 0 also the rows of no known org
+    -- and the rows the stager refused).
+    IF p_part IS NULL THEN
+        v_rejected := (SELECT count(*) FROM usage_batch_rejections j WHERE j.batch_id = p_batch);
+    ELSE
+        v_rejected := (
+            SELECT count(*)
+            FROM usage_batch_rejections j
+            LEFT JOIN usage_batch_rows s ON s.batch_id = j.batch_id AND s.idx = j.idx
+            LEFT JOIN organization_projects p ON p.project_id = s.project_id
+            WHERE j.batch_id = p_batch AND coalesce(usage_batch_part(p.organization_id), 0) = p_part);
+    END IF;
     RETURN QUERY
     SELECT (SELECT b.rows_received FROM usage_batches b WHERE b.batch_id = p_batch),
-           (SELECT coalesce(sum(a.rows_applied), 0)::bigint FROM usage_batch_orgs a WHERE a.batch_id = p_batch),
-           (SELECT count(*) FROM usage_batch_rejections j WHERE j.batch_id = p_batch),
+           coalesce(sum(a.rows_applied), 0)::bigint,
+           v_rejected,
            (SELECT coalesce(sum(h.held_rows), 0)::bigint FROM ub_held h),
-           (SELECT coalesce(sum(a.overage_reports), 0)::bigint FROM usage_batch_orgs a WHERE a.batch_id = p_batch),
-           (SELECT count(*) FROM usage_batch_orgs a WHERE a.batch_id = p_batch),
-           (SELECT count(*) FROM ub_held);
+           coalesce(sum(a.overage_reports), 0)::bigint,
+           count(a.organization_id),
+           (SELECT count(*) FROM ub_held)
+    FROM usage_batch_orgs a
+    WHERE a.batch_id = p_batch AND (p_part IS NULL OR usage_batch_part(a.organization_id) = p_part);
 END
 $$;

@@ -5,6 +5,7 @@ Thin and deterministic: the rows are in PostgreSQL under the batch id, the activ
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
@@ -14,9 +15,11 @@ from billing.domain.hours import hour_key
 from billing.models.contracts import StripeReportContract, UsageContract
 from billing.models.stripe_report import StartPendingReportsInput
 from billing.models.usage_sync import (
+    APPLY_PARTS,
     PARTIAL_BATCH_ERROR,
     AdvanceWatermarkInput,
     ApplyBatchInput,
+    ApplyBatchResult,
     EnsureResetsInput,
     PullStageInput,
     PullSyncInput,
@@ -33,6 +36,8 @@ _RESET_HEARTBEAT = timedelta(seconds=30)
 _PULL_TIMEOUT = timedelta(minutes=30)
 # Patch marker: pulls recorded before it froze the watermark while any org was held back.
 _WATERMARK_NEVER_FROZEN = "pull-watermark-never-frozen"
+# Patch marker: syncs recorded before it applied a batch in one activity, not in parallel parts.
+_APPLY_IN_PARTS = "usage-sync-apply-in-parts"
 
 
 async def sync_batch(batch_id: str, reset_wait_seconds: float) -> UsageSyncResult:
@@ -46,7 +51,19 @@ async def sync_batch(batch_id: str, reset_wait_seconds: float) -> UsageSyncResul
         retry_policy=DB_RETRY,
     )
     workflow.set_current_details(f"Batch {batch_id}: applying")
-    applied = await run_db_activity(UsageContract.apply_usage_batch, ApplyBatchInput(batch_id=batch_id))
+    if workflow.patched(_APPLY_IN_PARTS):
+        # The parts share no row (sql/0017): their transactions run side by side.
+        parts = await asyncio.gather(
+            *(
+                run_db_activity(
+                    UsageContract.apply_usage_batch, ApplyBatchInput(batch_id=batch_id, part=part)
+                )
+                for part in range(APPLY_PARTS)
+            )
+        )
+        applied = ApplyBatchResult.of_parts(list(parts))
+    else:
+        applied = await run_db_activity(UsageContract.apply_usage_batch, ApplyBatchInput(batch_id=batch_id))
     result = UsageSyncResult(batch_id=batch_id, resets_started=resets.resets_started, **dict(applied))
     if result.overage_reports:
         await _start_reports(batch_id)

@@ -68,10 +68,17 @@ class EnsureResetsResult(Model):
     orgs_skipped: int
 
 
+# The parts a batch is applied in, in parallel transactions (sql/0017: usage_batch_part() splits the
+# orgs in two; a part's rows share no row lock with the other part's).
+APPLY_PARTS = 2
+
+
 class ApplyBatchInput(Model):
-    """Apply the staged batch ``batch_id`` in one transaction."""
+    """Apply the staged batch ``batch_id`` in one transaction: all of it, or one ``part`` of it
+    (``0`` to ``APPLY_PARTS - 1``: the orgs of that part)."""
 
     batch_id: str
+    part: int | None = None
 
 
 class ApplyBatchResult(Model):
@@ -89,6 +96,22 @@ class ApplyBatchResult(Model):
     orgs_applied: int
     orgs_skipped: int
     skipped_orgs: list[SkippedOrg] = []
+
+    @classmethod
+    def of_parts(cls, parts: list[ApplyBatchResult]) -> ApplyBatchResult:
+        """The batch's answer from its parts' answers: each part counts only its own orgs (and the
+        first part the rows of no org), so the counts add up; the listed skips are merged."""
+        skipped = {skip.org_id: skip for part in parts for skip in part.skipped_orgs}
+        return cls(
+            rows_received=parts[0].rows_received,
+            rows_applied=sum(part.rows_applied for part in parts),
+            rows_rejected=sum(part.rows_rejected for part in parts),
+            rows_pending=sum(part.rows_pending for part in parts),
+            overage_reports=sum(part.overage_reports for part in parts),
+            orgs_applied=sum(part.orgs_applied for part in parts),
+            orgs_skipped=sum(part.orgs_skipped for part in parts),
+            skipped_orgs=[skipped[org] for org in sorted(skipped)][:MAX_LISTED_SKIPS],
+        )
 
 
 class UsageSyncResult(ApplyBatchResult):

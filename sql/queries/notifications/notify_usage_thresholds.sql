@@ -2,11 +2,13 @@
 -- meter, month and threshold its usage has reached, for the orgs of the batch in their open month.
 -- The org_usage rows the apply changed are locked by this transaction, so the values read are the
 -- newest; a concurrent batch's insert of the same key waits for this one and then does nothing.
+-- part: the part of the batch just applied (its orgs only, sql/0017), or NULL for the whole batch.
 WITH orgs AS (
     SELECT a.organization_id,
            (SELECT max(r.month) FROM monthly_resets r WHERE r.organization_id = a.organization_id) AS month
     FROM usage_batch_orgs a
     WHERE a.batch_id = %(batch_id)s
+      AND (%(part)s::integer IS NULL OR usage_batch_part(a.organization_id) = %(part)s::integer)
 ), reached AS (
     SELECT o.organization_id, u.tag, u.month, t.percent, u.value, l.included, l.plan
     FROM orgs o
