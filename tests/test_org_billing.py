@@ -21,16 +21,11 @@ from billing.testing import stripe_payloads as sp
 from billing.testing.stripe_server import FakeStripe
 from tests.conftest import VENV_BIN
 from tests.factories import Org
+from tests.usage_support import ALL_TAGS
 from tests.webhook_support import T0, Harness, customer_of, harness, paid_org, subscription_of
 from workflows.org_billing import OrgBillingWorkflow
 
-TAGS = (
-    "search.experience.agentic",
-    "search.experience.embedding",
-    "space.learned",
-    "storage.usage",
-    "task.created",
-)
+TAGS = ALL_TAGS  # every meter the migrations seed
 
 
 @pytest.fixture

@@ -23,15 +23,10 @@ from tests.report_support import (
     queue_rows,
     this_hour,
 )
+from tests.usage_support import ALL_TAGS
 from tests.webhook_support import T0, add_usage, customer_of, harness, paid_org, subscription_of
 
-TAGS = (
-    "search.experience.agentic",
-    "search.experience.embedding",
-    "space.learned",
-    "storage.usage",
-    "task.created",
-)
+TAGS = ALL_TAGS  # every meter the migrations seed
 SHAPES = ("old", "new")
 
 

@@ -18,16 +18,11 @@ from billing.domain.ids import org_billing_id
 from billing.testing import stripe_payloads as sp
 from tests.conftest import running_worker
 from tests.factories import Org
+from tests.usage_support import ALL_TAGS
 from tests.webhook_support import T0, customer_of, harness, paid_org, subscription_of
 from workflows.org_billing import ONE_WRITE_PER_DRAIN
 
-TAGS = (
-    "search.experience.agentic",
-    "search.experience.embedding",
-    "space.learned",
-    "storage.usage",
-    "task.created",
-)
+TAGS = ALL_TAGS  # every meter the migrations seed
 
 
 def _metered_invoice(org: Org, n: int) -> dict[str, Any]:
