@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import psycopg
 import pytest
 import stripe
 from prometheus_client import REGISTRY
@@ -22,6 +23,7 @@ from activities.stripe_reports import StripeReportActivities, idempotency_key
 from api.app import create_app
 from billing.adapters.stripe_client import make_stripe_client
 from billing.core.errors import UserError
+from billing.db.pool import configure_session
 from billing.db.report_ops import act_on_rows
 from billing.models.stripe_report import QueueStorageOverageInput, StripeReportResult
 from billing.orchestration.temporal import start_stripe_reports
@@ -695,3 +697,17 @@ async def test_a_409_key_in_use_is_retried_under_the_same_key_and_the_row_counte
         ("sent", 0, 3, None),
         ("sent", 0, 1, None),
     ]
+
+
+async def test_a_new_pool_session_is_configured_without_a_transaction(database_url: str) -> None:
+    # The race behind a rare failure of the test above: the pool grew a session while a call was held,
+    # and its configuration (BEGIN; SET; COMMIT) was caught "idle in transaction". Now it is one
+    # autocommit statement: the session's last statement is the SET, never a COMMIT.
+    async with await psycopg.AsyncConnection.connect(database_url) as fresh:
+        await configure_session(fresh)
+        assert not fresh.autocommit and fresh.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as observer:
+            cursor = await observer.execute(
+                "SELECT query FROM pg_stat_activity WHERE pid = %s", [fresh.info.backend_pid]
+            )
+            assert (await cursor.fetchone())[0] == "SET temp_buffers = '64MB'"

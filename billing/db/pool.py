@@ -23,12 +23,16 @@ def describe_url(url: str) -> str:
     return f"{info.get('user', '')}@{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
-async def _configure(conn: psycopg.AsyncConnection) -> None:
+async def configure_session(conn: psycopg.AsyncConnection) -> None:
+    """What every pooled session is set up with before its first use."""
     # A usage batch is applied through temp tables of about 10 MB per 100,000 rows; PostgreSQL's
     # default 8 MB of temp buffers spills them to disk. Only sessions that use temp tables grow to
     # this size. Set per session (not as a startup option, which poolers such as PgBouncer refuse).
+    # In autocommit: no BEGIN and COMMIT around it, so a new session is never seen "idle in
+    # transaction" (tests/test_stripe_sender.py looks for exactly that while a Stripe call is held).
+    await conn.set_autocommit(True)
     await conn.execute("SET temp_buffers = '64MB'")
-    await conn.commit()
+    await conn.set_autocommit(False)
 
 
 async def open_pool(
@@ -55,7 +59,7 @@ async def open_pool(
         max_size=max_size,
         open=False,
         kwargs={"row_factory": dict_row},
-        configure=_configure,
+        configure=configure_session,
         check=check,
         timeout=10,
     )
