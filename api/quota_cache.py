@@ -12,10 +12,10 @@ not become a cache that can lag unboundedly, so the set follows PostgreSQL and s
   and remembers when it sent that ping. PostgreSQL delivers notifications in commit order, so when the
   ping comes back, every change committed before it was sent has been received (and its projects are
   dirty or read again). The cache answers only while its newest returned ping was sent less than
-  ``max_age`` ago; otherwise (a stalled event loop, a lost connection, PostgreSQL down) every check
+  ``QUOTA_CACHE_MAX_AGE_SECONDS`` ago; otherwise (a stalled event loop, a lost connection, PostgreSQL down) every check
   falls back to a read, and a reconnect starts over.
 
-So an answer from memory reflects every flag committed at least ``max_age`` before it. An operator's
+So an answer from memory reflects every flag committed at least ``QUOTA_CACHE_MAX_AGE_SECONDS`` before it. An operator's
 block waits that long after its commit before it is acknowledged (billing/orchestration/temporal.py),
 so "acknowledged means enforced" holds with the cache; in practice a change is enforced as soon as its
 notification arrives, a few milliseconds after the commit (bench.quota measures it).
@@ -49,11 +49,11 @@ class QuotaFlagCache:
         self,
         conninfo: str,
         *,
-        max_age: float = QUOTA_CACHE_MAX_AGE_SECONDS,
         ping_every: float = PING_EVERY_SECONDS,
     ) -> None:
+        # No max_age parameter: operator_update waits QUOTA_CACHE_MAX_AGE_SECONDS, so a cache trusting
+        # older memory would break "acknowledged means enforced".
         self._conninfo = conninfo
-        self._max_age = max_age
         self._ping_every = ping_every
         self._token = uuid.uuid4().hex
         self._flagged: set[str] = set()
@@ -66,14 +66,14 @@ class QuotaFlagCache:
 
     def answer(self, project_id: str) -> bool | None:
         """Whether the project is flagged, or None when memory cannot tell (read the database instead)."""
-        if time.monotonic() - self._fresh_as_of > self._max_age or project_id in self._dirty:
+        if not self.fresh or project_id in self._dirty:
             return None
         return project_id in self._flagged
 
     @property
     def fresh(self) -> bool:
         """Whether answers come from memory right now."""
-        return time.monotonic() - self._fresh_as_of <= self._max_age
+        return time.monotonic() - self._fresh_as_of <= QUOTA_CACHE_MAX_AGE_SECONDS
 
     async def run(self) -> None:
         """Follow ``quota_flags`` until cancelled, reconnecting after any failure (reads meanwhile)."""

@@ -1,5 +1,5 @@
 """The quota flag cache (api/quota_cache.py, sql/0016): memory answers only while it provably holds
-every flag committed ``max_age`` ago; otherwise, and for a project whose flags are changing, the check
+every flag committed ``QUOTA_CACHE_MAX_AGE_SECONDS`` ago; otherwise, and for a project whose flags are changing, the check
 reads the database. An operator's block is enforced when acknowledged even by a cache that lags."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def new_project() -> str:
 
 async def settle(cache: QuotaFlagCache, truth: dict[str, bool], committed: float) -> None:
     """Wait until memory answers ``truth`` for every project. Meanwhile, once the last change is
-    ``max_age`` old, memory may say "read the database" (None) but never the old answer."""
+    ``QUOTA_CACHE_MAX_AGE_SECONDS`` old, memory may say "read the database" (None) but never the old answer."""
     deadline = time.monotonic() + GIVE_UP_SECONDS
     while True:
         answers = {project: cache.answer(project) for project in truth}

@@ -177,7 +177,8 @@ async def serve_until_stopped(
     stopper.cancel()
     if flag_cache_task is not None:
         flag_cache_task.cancel()
-    await asyncio.gather(*tasks, *([flag_cache_task] if flag_cache_task else []), return_exceptions=True)
+        tasks.append(flag_cache_task)
+    await asyncio.gather(*tasks, return_exceptions=True)
     for task in done:
         if task is not stopper and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
