@@ -13,6 +13,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -45,16 +46,28 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _processes_using(data_dir: Path) -> list[psutil.Process]:
-    """Processes whose command line names ``data_dir`` (postgres -D, temporal --db-filename, billing dev)."""
+def _processes_using(data_dir: Path) -> list[tuple[psutil.Process, list[str]]]:
+    """Live processes whose command line names ``data_dir`` (postgres -D, temporal --db-filename, billing dev).
+
+    Each comes with the command line read at the same moment: a process may exit right after, and one
+    that has exited but whose parent has not reaped it yet (a zombie, which holds nothing) is gone.
+    """
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(data_dir) in part for part in process.info["cmdline"] or []):
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["status"] == psutil.STATUS_ZOMBIE:
             continue
+        if any(str(data_dir) in part for part in cmdline):
+            found.append((process, cmdline))
     return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: it only waits for its parent to reap it)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _postmaster_pid(data_dir: Path) -> int | None:
@@ -69,9 +82,9 @@ def _wait_until_gone(data_dir: Path, ports: list[int], seconds: float = 30) -> l
     """What is still there after ``seconds`` (empty when everything is gone)."""
     deadline = time.monotonic() + seconds
     while True:
-        left = [" ".join(p.cmdline()[:3]) for p in _processes_using(data_dir) if p.is_running()]
+        left = [" ".join(cmdline[:3]) for _, cmdline in _processes_using(data_dir)]
         pid = _postmaster_pid(data_dir)
-        if pid is not None and psutil.pid_exists(pid):
+        if pid is not None and _alive(pid):
             left.append(f"postgres pid {pid}")
         left += [f"port {port} taken" for port in ports if not _port_free(port)]
         if not left or time.monotonic() > deadline:
@@ -121,8 +134,9 @@ def _wait_until_its_code_runs(pid: int, seconds: float = 30) -> None:
 
 
 def _kill_leftovers(data_dir: Path) -> None:
-    for process in _processes_using(data_dir):
-        process.kill()
+    for process, _ in _processes_using(data_dir):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 @pytest.mark.parametrize(
@@ -235,7 +249,7 @@ def _make_dev_then_kill_make(data_dir: Path) -> None:
         seen.append(line)
         if line.startswith("Ctrl-C stops everything"):
             break
-    billing = [p for p in _processes_using(data_dir) if "dev" in p.cmdline()[1:3]]
+    billing = [process for process, cmdline in _processes_using(data_dir) if "dev" in cmdline[1:3]]
     assert billing, "".join(seen)
     # make goes away without passing anything on (SIGKILL: it cannot); billing dev must notice.
     make.kill()
@@ -244,6 +258,26 @@ def _make_dev_then_kill_make(data_dir: Path) -> None:
     if left:
         _kill_leftovers(data_dir)
     assert not left, f"left running after make exited: {left}"
+
+
+def test_a_process_that_exited_but_is_not_reaped_counts_as_gone(tmp_path: Path) -> None:
+    # CI once saw billing dev exit between being listed and having its command line read: a zombie
+    # holds no port and no file, so the checks above must not count it (nor fail on reading it).
+    marker = tmp_path / "marker"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(marker)])
+    try:
+        assert [process.pid for process, _ in _processes_using(marker)] == [child.pid]
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+        assert _processes_using(marker) == []
+        assert not _alive(child.pid)
+        assert _wait_until_gone(marker, [], seconds=0) == []
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_secret_files_are_created_private_never_chmodded_after(
