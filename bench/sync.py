@@ -2,8 +2,9 @@
 
 In one run, on one fresh database, it measures
 (a) the apply pipeline end to end through Temporal: stage a batch (COPY), run ``usage-sync/{batch}``
-    (the monthly-reset check, then the one-transaction apply), wait for its result; once for a first
-    batch (every row new) and once for the next batch (the same rows grown: the steady state); and
+    (the apply, in two parts side by side; the monthly-reset check only if it held rows back), wait
+    for its result; once for a first batch (every row new) and once for the next batch (the same rows
+    grown: the steady state); and
 (b) a faithful per-row port of the original algorithm on a sample: per row, read its checkpoint,
     call ``increment_project_usage``, insert a ledger row, upsert the checkpoint, one round trip
     each and one transaction per row,

@@ -103,6 +103,8 @@ async def record_org_billing(name: str = "org_billing") -> Path:
 # today's code would record them with the patch, so they are kept as they are, never re-recorded, and
 # the old path keeps replaying (the patched scenarios are saved as org_billing_one_write*).
 KEPT = frozenset({"org_billing", "org_billing_continued", "org_billing_continued_last"})
+# Likewise ``usage_sync`` and ``pull_usage_sync``, recorded before the usage-sync-apply-in-parts and
+# usage-sync-apply-before-reset-check patches (issue 14); today's are saved as ``*_apply_first``.
 
 
 def _save(name: str, history: WorkflowHistory) -> Path:
@@ -153,7 +155,7 @@ async def record_usage_and_reports() -> list[Path]:
                     sync = env.client.get_workflow_handle(usage_sync_id(batch.batch_id))
                     histories = {
                         "monthly_reset": await reset.fetch_history(),
-                        "usage_sync": await sync.fetch_history(),
+                        "usage_sync_apply_first": await sync.fetch_history(),
                         "stripe_report": await report.fetch_history(),
                     }
                 assert fake.total(customer, "agent_tasks") == 7
@@ -176,7 +178,7 @@ async def record_sweeps_and_failure_paths() -> list[Path]:
     """The workflow types without a history yet and the failure paths:
 
     ``monthly_close`` (the schedule's walk over the orgs), ``storage_overage`` (the hourly storage
-    sweep and the report it starts), ``pull_usage_sync`` (the hourly pull from a metrics table),
+    sweep and the report it starts), ``pull_usage_sync_apply_first`` (the hourly pull from a metrics table),
     ``monthly_reset_retried`` (the close fails once and its activity is retried), and
     ``org_billing_continued`` (a burst of events that continues as new with signals still queued, and
     the run that carries them on).
@@ -269,7 +271,7 @@ async def _record_sweeps_and_failure_paths(
             task_queue=settings.task_queue,
         )
         await pull.result()
-        histories["pull_usage_sync"] = await pull.fetch_history()
+        histories["pull_usage_sync_apply_first"] = await pull.fetch_history()
 
         histories |= await _record_continue_as_new(client, pool, url, settings.task_queue)
     return [_save(name, history) for name, history in histories.items()]

@@ -12,9 +12,12 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from billing.core.config import Settings
+from billing.domain.ids import usage_sync_id
 from billing.domain.months import month_key
 from billing.models import MonthlyResetResult
+from billing.models.usage_sync import UsageSyncResult
 from billing.orchestration.temporal import start_monthly_reset
+from billing.orchestration.usage_batches import batch_id_of
 from tests.factories import fetch_value, make_org
 from tests.usage_support import (
     ALL_TAGS,
@@ -80,9 +83,10 @@ async def test_syncs_racing_the_monthly_reset_lose_nothing_and_keep_last_months_
         "SELECT value FROM closed_month_usage WHERE organization_id = %s AND tag = 'task.created'",
         [org.id],
     )
-    # The snapshot at close: both syncs carry this month's rows, so each waited for the reset (claim and
-    # close are one transaction) before applying anything; their late growth landed after the close.
-    assert closed == 100
+    # The snapshot at close is last month as it stood then: a sync applies the rows of the month open
+    # for the org at once and holds back only this month's until the reset completed, so each sync's
+    # late growth landed before or after the close (claim and close are one transaction), never half.
+    assert closed in (100, 130, 150)
     claims = await fetch_value(
         pool, "SELECT count(*) FROM monthly_resets WHERE organization_id = %s", [org.id]
     )
@@ -229,3 +233,63 @@ async def test_a_new_orgs_first_push_opens_this_month_without_a_reset(
     with pytest.raises(RPCError) as missing:
         await client.get_workflow_handle(f"monthly-reset/{org.id}/{month_key(now)}").describe()
     assert missing.value.status == RPCStatusCode.NOT_FOUND
+
+
+async def _sync_of(client: Client, rows: list[dict[str, object]]) -> tuple[UsageSyncResult, list[str]]:
+    """The result of the push of ``rows`` and the activities its ``usage-sync`` run ran, in order."""
+    handle = client.get_workflow_handle(usage_sync_id(batch_id_of(rows)), result_type=UsageSyncResult)
+    history = await handle.fetch_history()
+    ran = [
+        event.activity_task_scheduled_event_attributes.activity_type.name
+        for event in history.events
+        if event.HasField("activity_task_scheduled_event_attributes")
+    ]
+    return await handle.result(), ran
+
+
+async def test_a_batch_of_open_months_only_runs_no_reset_check(
+    http: httpx.AsyncClient, pool: AsyncConnectionPool, client: Client
+) -> None:
+    org = await make_org(pool)
+    now = utc_now()
+    await open_month(pool, org.id, month_start(now))
+    rows = [row(org.project_ids[0], "task.created", day_start(now), 7)]
+    await push(http, rows)
+    result, ran = await _sync_of(client, rows)
+    assert ran == ["apply_usage_batch", "apply_usage_batch"]  # the two parts, side by side
+    assert (result.rows_applied, result.resets_started, result.orgs_skipped) == (1, 0, 0)
+
+
+async def test_a_batch_reaching_a_new_month_applies_the_open_one_then_opens_the_new_one_and_applies_it(
+    http: httpx.AsyncClient, pool: AsyncConnectionPool, client: Client
+) -> None:
+    org = await make_org(pool)
+    project = org.project_ids[0]
+    now = utc_now()
+    this_month, last_month = month_start(now), month_start(last_month_day(now))
+    old_day, today = last_month_day(now), day_start(now)
+    await open_month(pool, org.id, last_month)
+    await push(http, [row(project, "task.created", old_day, 100, updated_at=old_day + timedelta(hours=1))])
+
+    rows = [
+        row(project, "task.created", old_day, 130, updated_at=old_day + timedelta(hours=2)),
+        row(project, "task.created", today, 6),
+    ]
+    await push(http, rows)
+    result, ran = await _sync_of(client, rows)
+    # The first apply takes last month's growth and holds this month's row back; only then is the
+    # reset check run (it starts the reset and waits for it), and the second apply takes the rest.
+    assert ran == ["apply_usage_batch"] * 2 + ["ensure_batch_resets"] + ["apply_usage_batch"] * 2
+    assert (result.rows_applied, result.rows_pending, result.resets_started, result.orgs_skipped) == (2, 0, 1, 0)
+    assert await org_usage(pool, org.id, "task.created", last_month) == 130
+    assert await org_usage(pool, org.id, "task.created", this_month) == 6
+    closed = await fetch_value(
+        pool,
+        "SELECT value FROM closed_month_usage WHERE organization_id = %s AND tag = 'task.created'",
+        [org.id],
+    )
+    assert closed == 130  # the late growth came in before the close
+    ledger = await fetch_value(pool, "SELECT sum(delta) FROM usage_ledger WHERE organization_id = %s", [org.id])
+    assert ledger == 130 + 6
+    skips = await fetch_value(pool, "SELECT count(*) FROM usage_batch_skips WHERE organization_id = %s", [org.id])
+    assert skips == 0

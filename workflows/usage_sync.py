@@ -38,10 +38,32 @@ _PULL_TIMEOUT = timedelta(minutes=30)
 _WATERMARK_NEVER_FROZEN = "pull-watermark-never-frozen"
 # Patch marker: syncs recorded before it applied a batch in one activity, not in parallel parts.
 _APPLY_IN_PARTS = "usage-sync-apply-in-parts"
+# Patch marker: syncs recorded before it checked the batch's monthly resets before every apply.
+_APPLY_BEFORE_RESET_CHECK = "usage-sync-apply-before-reset-check"
 
 
 async def sync_batch(batch_id: str, reset_wait_seconds: float) -> UsageSyncResult:
-    """Open the months the batch needs (monthly resets), then apply it in one transaction."""
+    """Apply the batch; where it needs months not opened yet, open them (monthly resets) and apply
+    again (only what is still missing)."""
+    resets_started = 0
+    if workflow.patched(_APPLY_BEFORE_RESET_CHECK):
+        # Most batches need no reset: the apply itself finds the rows of months not opened yet and
+        # holds them back, so the reset check (a pass over the whole batch) runs only when it did.
+        applied = await _apply(batch_id)
+        if applied.orgs_skipped:
+            resets_started = await _ensure_resets(batch_id, reset_wait_seconds)
+            applied = await _apply(batch_id)
+    else:
+        resets_started = await _ensure_resets(batch_id, reset_wait_seconds)
+        applied = await _apply(batch_id)
+    result = UsageSyncResult(batch_id=batch_id, resets_started=resets_started, **dict(applied))
+    if result.overage_reports:
+        await _start_reports(batch_id)
+    return result
+
+
+async def _ensure_resets(batch_id: str, reset_wait_seconds: float) -> int:
+    """Start and wait for the monthly resets the batch's rows need; how many were started."""
     workflow.set_current_details(f"Batch {batch_id}: checking monthly resets")
     resets = await workflow.execute_activity_method(
         UsageContract.ensure_batch_resets,
@@ -50,6 +72,11 @@ async def sync_batch(batch_id: str, reset_wait_seconds: float) -> UsageSyncResul
         heartbeat_timeout=_RESET_HEARTBEAT,
         retry_policy=DB_RETRY,
     )
+    return resets.resets_started
+
+
+async def _apply(batch_id: str) -> ApplyBatchResult:
+    """Apply what of the batch can apply now (what an earlier apply of it did is left alone)."""
     workflow.set_current_details(f"Batch {batch_id}: applying")
     if workflow.patched(_APPLY_IN_PARTS):
         # The parts share no row (sql/0017): their transactions run side by side.
@@ -61,13 +88,8 @@ async def sync_batch(batch_id: str, reset_wait_seconds: float) -> UsageSyncResul
                 for part in range(APPLY_PARTS)
             )
         )
-        applied = ApplyBatchResult.of_parts(list(parts))
-    else:
-        applied = await run_db_activity(UsageContract.apply_usage_batch, ApplyBatchInput(batch_id=batch_id))
-    result = UsageSyncResult(batch_id=batch_id, resets_started=resets.resets_started, **dict(applied))
-    if result.overage_reports:
-        await _start_reports(batch_id)
-    return result
+        return ApplyBatchResult.of_parts(list(parts))
+    return await run_db_activity(UsageContract.apply_usage_batch, ApplyBatchInput(batch_id=batch_id))
 
 
 async def _start_reports(batch_id: str) -> None:
