@@ -159,6 +159,7 @@ class UsageActivities(UsageContract):
             try:
                 async with self.pool.connection() as conn:
                     async with conn.transaction():
+                        before = await (await conn.execute(query("apply_counts_so_far"), params)).fetchone()
                         row = await (await conn.execute(apply, params)).fetchone()
                         # Thresholds reached, in the same transaction: exactly once per crossing.
                         notified = await (
@@ -175,9 +176,10 @@ class UsageActivities(UsageContract):
             except psycopg.errors.DataError as exc:
                 # A value the database cannot take (out of range, malformed): retrying cannot help.
                 raise input_error(f"batch {request.batch_id} cannot be applied: {exc}") from None
-        assert row is not None
-        USAGE_APPLY_ROWS.labels("applied").inc(row["rows_applied"])
-        USAGE_APPLY_ROWS.labels("rejected").inc(row["rows_rejected"])
+        assert row is not None and before is not None
+        # The answer carries the batch's (or part's) running totals; the metric counts this run's.
+        USAGE_APPLY_ROWS.labels("applied").inc(row["rows_applied"] - before["rows_applied"])
+        USAGE_APPLY_ROWS.labels("rejected").inc(row["rows_rejected"] - before["rows_rejected"])
         USAGE_APPLY_ROWS.labels("held_back").inc(row["rows_pending"])
         if notified:
             await self._dispatch([n["id"] for n in notified])

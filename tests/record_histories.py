@@ -102,9 +102,11 @@ async def record_org_billing(name: str = "org_billing") -> Path:
 # Histories of org-billing runs recorded before the org-billing-one-write-per-drain patch (issue 14):
 # today's code would record them with the patch, so they are kept as they are, never re-recorded, and
 # the old path keeps replaying (the patched scenarios are saved as org_billing_one_write*).
-KEPT = frozenset({"org_billing", "org_billing_continued", "org_billing_continued_last"})
 # Likewise ``usage_sync`` and ``pull_usage_sync``, recorded before the usage-sync-apply-in-parts and
 # usage-sync-apply-before-reset-check patches (issue 14); today's are saved as ``*_apply_first``.
+KEPT = frozenset(
+    {"org_billing", "org_billing_continued", "org_billing_continued_last", "usage_sync", "pull_usage_sync"}
+)
 
 
 def _save(name: str, history: WorkflowHistory) -> Path:

@@ -7,6 +7,7 @@ from datetime import date, timedelta
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -235,6 +236,14 @@ async def test_a_new_orgs_first_push_opens_this_month_without_a_reset(
     assert missing.value.status == RPCStatusCode.NOT_FOUND
 
 
+def _apply_rows_counted() -> dict[str, float]:
+    """``billing_usage_apply_rows_total`` of this process (the tests' worker runs in it), by outcome."""
+    return {
+        outcome: REGISTRY.get_sample_value("billing_usage_apply_rows_total", {"outcome": outcome}) or 0.0
+        for outcome in ("applied", "rejected", "held_back")
+    }
+
+
 async def _sync_of(client: Client, rows: list[dict[str, object]]) -> tuple[UsageSyncResult, list[str]]:
     """The result of the push of ``rows`` and the activities its ``usage-sync`` run ran, in order."""
     handle = client.get_workflow_handle(usage_sync_id(batch_id_of(rows)), result_type=UsageSyncResult)
@@ -275,12 +284,17 @@ async def test_a_batch_reaching_a_new_month_applies_the_open_one_then_opens_the_
         row(project, "task.created", old_day, 130, updated_at=old_day + timedelta(hours=2)),
         row(project, "task.created", today, 6),
     ]
+    counted_before = _apply_rows_counted()
     await push(http, rows)
     result, ran = await _sync_of(client, rows)
-    # The first apply takes last month's growth and holds this month's row back; only then is the
-    # reset check run (it starts the reset and waits for it), and the second apply takes the rest.
-    assert ran == ["apply_usage_batch"] * 2 + ["ensure_batch_resets"] + ["apply_usage_batch"] * 2
+    # The first apply (both parts) takes last month's growth and holds this month's row back; only
+    # then is the reset check run (it starts the reset and waits for it), and the part that held the
+    # row back is applied again.
+    assert ran == ["apply_usage_batch"] * 2 + ["ensure_batch_resets"] + ["apply_usage_batch"]
     assert (result.rows_applied, result.rows_pending, result.resets_started, result.orgs_skipped) == (2, 0, 1, 0)
+    # What each apply did, not the running totals its answer carries: 1 row, then 1 held, then 1.
+    counted = {key: value - counted_before[key] for key, value in _apply_rows_counted().items()}
+    assert counted == {"applied": 2, "rejected": 0, "held_back": 1}
     assert await org_usage(pool, org.id, "task.created", last_month) == 130
     assert await org_usage(pool, org.id, "task.created", this_month) == 6
     closed = await fetch_value(

@@ -44,18 +44,26 @@ _APPLY_BEFORE_RESET_CHECK = "usage-sync-apply-before-reset-check"
 
 async def sync_batch(batch_id: str, reset_wait_seconds: float) -> UsageSyncResult:
     """Apply the batch; where it needs months not opened yet, open them (monthly resets) and apply
-    again (only what is still missing)."""
+    again what is still missing."""
     resets_started = 0
     if workflow.patched(_APPLY_BEFORE_RESET_CHECK):
         # Most batches need no reset: the apply itself finds the rows of months not opened yet and
-        # holds them back, so the reset check (a pass over the whole batch) runs only when it did.
-        applied = await _apply(batch_id)
-        if applied.orgs_skipped:
+        # holds them back, so the reset check (a pass over the whole batch) runs only when it did,
+        # and only the parts that held something back are applied again.
+        parts = await _apply_parts(batch_id, list(range(APPLY_PARTS)))
+        held = [part for part, answer in enumerate(parts) if answer.orgs_skipped]
+        if held:
             resets_started = await _ensure_resets(batch_id, reset_wait_seconds)
-            applied = await _apply(batch_id)
+            for part, answer in zip(held, await _apply_parts(batch_id, held), strict=True):
+                parts[part] = answer
+        applied = ApplyBatchResult.of_parts(parts)
     else:
         resets_started = await _ensure_resets(batch_id, reset_wait_seconds)
-        applied = await _apply(batch_id)
+        if workflow.patched(_APPLY_IN_PARTS):
+            applied = ApplyBatchResult.of_parts(await _apply_parts(batch_id, list(range(APPLY_PARTS))))
+        else:
+            workflow.set_current_details(f"Batch {batch_id}: applying")
+            applied = await run_db_activity(UsageContract.apply_usage_batch, ApplyBatchInput(batch_id=batch_id))
     result = UsageSyncResult(batch_id=batch_id, resets_started=resets_started, **dict(applied))
     if result.overage_reports:
         await _start_reports(batch_id)
@@ -75,21 +83,23 @@ async def _ensure_resets(batch_id: str, reset_wait_seconds: float) -> int:
     return resets.resets_started
 
 
-async def _apply(batch_id: str) -> ApplyBatchResult:
-    """Apply what of the batch can apply now (what an earlier apply of it did is left alone)."""
+async def _apply_parts(batch_id: str, parts: list[int]) -> list[ApplyBatchResult]:
+    """Apply what of these parts of the batch can apply now, each part's answer in order.
+
+    The parts share no row (sql/0017): their transactions run side by side. What an earlier apply of
+    a part did is left alone, and its answer counts the whole batch's part so far.
+    """
     workflow.set_current_details(f"Batch {batch_id}: applying")
-    if workflow.patched(_APPLY_IN_PARTS):
-        # The parts share no row (sql/0017): their transactions run side by side.
-        parts = await asyncio.gather(
+    return list(
+        await asyncio.gather(
             *(
                 run_db_activity(
                     UsageContract.apply_usage_batch, ApplyBatchInput(batch_id=batch_id, part=part)
                 )
-                for part in range(APPLY_PARTS)
+                for part in parts
             )
         )
-        return ApplyBatchResult.of_parts(list(parts))
-    return await run_db_activity(UsageContract.apply_usage_batch, ApplyBatchInput(batch_id=batch_id))
+    )
 
 
 async def _start_reports(batch_id: str) -> None:
