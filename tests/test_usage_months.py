@@ -44,6 +44,15 @@ async def open_month(pool: AsyncConnectionPool, org_id: str, month: date) -> Non
         )
 
 
+async def closed_task_usage(pool: AsyncConnectionPool, org_id: str) -> object:
+    """The org's ``task.created`` in the snapshot its monthly reset took of the month it closed."""
+    return await fetch_value(
+        pool,
+        "SELECT value FROM closed_month_usage WHERE organization_id = %s AND tag = 'task.created'",
+        [org_id],
+    )
+
+
 async def test_syncs_racing_the_monthly_reset_lose_nothing_and_keep_last_months_growth_there(
     http: httpx.AsyncClient, pool: AsyncConnectionPool, client: Client, settings: Settings
 ) -> None:
@@ -79,11 +88,7 @@ async def test_syncs_racing_the_monthly_reset_lose_nothing_and_keep_last_months_
     assert set(answer_one) == set(answer_two) == {"quota", "rejected"}
     assert await org_usage(pool, org.id, "task.created", last_month) == 150
     assert await org_usage(pool, org.id, "task.created", this_month) == 13
-    closed = await fetch_value(
-        pool,
-        "SELECT value FROM closed_month_usage WHERE organization_id = %s AND tag = 'task.created'",
-        [org.id],
-    )
+    closed = await closed_task_usage(pool, org.id)
     # The snapshot at close is last month as it stood then: a sync applies the rows of the month open
     # for the org at once and holds back only this month's until the reset completed, so each sync's
     # late growth landed before or after the close (claim and close are one transaction), never half.
@@ -297,11 +302,7 @@ async def test_a_batch_reaching_a_new_month_applies_the_open_one_then_opens_the_
     assert counted == {"applied": 2, "rejected": 0, "held_back": 1}
     assert await org_usage(pool, org.id, "task.created", last_month) == 130
     assert await org_usage(pool, org.id, "task.created", this_month) == 6
-    closed = await fetch_value(
-        pool,
-        "SELECT value FROM closed_month_usage WHERE organization_id = %s AND tag = 'task.created'",
-        [org.id],
-    )
+    closed = await closed_task_usage(pool, org.id)
     assert closed == 130  # the late growth came in before the close
     ledger = await fetch_value(pool, "SELECT sum(delta) FROM usage_ledger WHERE organization_id = %s", [org.id])
     assert ledger == 130 + 6
